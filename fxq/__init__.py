@@ -1,0 +1,24 @@
+"""fxq: any PyTorch model to a fast, accurate int8 model, with no source changes.
+
+Example::
+
+    import fxq, torch, torchvision
+    model = torchvision.models.resnet18().eval()
+    batches = [torch.randn(8, 3, 224, 224) for _ in range(16)]
+    qmodel = fxq.quantize(model, (batches[0][:1],), calibration_data=batches)
+    print(fxq.report(qmodel))
+"""
+from fxq.api import QuantizedModel, quantize
+from fxq.backends import Backend, QuantSpec, get_backend, list_backends, register_backend
+from fxq.calibrate import FxqWarning
+from fxq.errors import (BackendError, CalibrationError, FxqError, InvalidInputError, QuantizationFailure,
+                        RewriteError, TraceFailure)
+from fxq.report import QuantizationReport, report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backend", "BackendError", "CalibrationError", "FxqError", "FxqWarning", "InvalidInputError",
+    "QuantSpec", "QuantizationFailure", "QuantizationReport", "QuantizedModel", "RewriteError",
+    "TraceFailure", "get_backend", "list_backends", "quantize", "register_backend", "report",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from fxq.cli import main
+
+sys.exit(main())

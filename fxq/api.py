@@ -1,0 +1,146 @@
+"""``fxq.quantize``: the whole flow, in the order the data moves."""
+from __future__ import annotations
+
+import copy
+import inspect
+import time
+from contextlib import contextmanager
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.nn as nn
+
+from fxq import pipeline, stages, trace
+from fxq.backends import get_backend
+from fxq.calibrate import as_args, calibrate, calibration_batches
+from fxq.errors import FxqError, InvalidInputError, QuantizationFailure
+from fxq.passes.base import float_reason
+from fxq.report import FloatNode, QuantizationReport, count_quantized_ops, count_transitions
+from fxq.tensors import all_finite, clone_inputs
+
+
+class QuantizedModel(nn.Module):
+    """The int8 model ``fxq.quantize`` returns: called exactly like the original model."""
+
+    def __init__(self, model: nn.Module, signature: inspect.Signature, engine: Optional[str],
+                 report: QuantizationReport, bind_by_signature: bool):
+        super().__init__()
+        self.model = model
+        self.signature = signature
+        self.engine = engine
+        self.report = report
+        self.bind_by_signature = bind_by_signature
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.bind_by_signature and kwargs:
+            # torch.fx may rename traced parameters (embed -> embed_1); bind by the original names.
+            bound = self.signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            args, kwargs = bound.args, bound.kwargs
+        with stages.quantized_engine(self.engine):
+            return self.model(*args, **kwargs)
+
+
+def quantize(model: nn.Module, example_inputs: Any, calibration_data: Optional[Iterable] = None,
+             backend: Any = "x86") -> QuantizedModel:
+    """Quantize ``model`` to int8 (static post-training quantization).
+
+    ``example_inputs`` is a tuple of positional arguments (a single tensor is accepted);
+    ``calibration_data`` an iterable of batches, each a tuple of positional arguments or a
+    tensor. The model itself is never modified.
+
+    Example::
+
+        model = torchvision.models.resnet18().eval()
+        qmodel = fxq.quantize(model, torch.randn(1, 3, 224, 224), calibration_data=batches)
+        print(fxq.report(qmodel))
+    """
+    backend = get_backend(backend)
+    example_inputs = _check_inputs(model, example_inputs)
+    timings: dict[str, float] = {}
+    working = copy.deepcopy(model).eval()  # the user's model is never touched
+    with _timed(timings, "trace"):
+        plan = trace.plan_units(working, example_inputs)
+    if not plan.units:
+        raise QuantizationFailure(f"nothing in {type(model).__name__} could be traced: {plan.float_parts}")
+    pass_records = {}
+    with _timed(timings, "passes"):
+        for unit in plan.units:
+            unit.graph_module, pass_records[unit.path] = pipeline.run_passes(unit.graph_module, unit.example_inputs, backend)
+    notes: list[str] = []
+    with stages.quantized_engine(backend.engine):
+        with _timed(timings, "fallback"):
+            for unit in plan.units:
+                unit.graph_module, unit_notes = stages.settle_float_nodes(unit.graph_module, unit.example_inputs, backend)
+                notes.extend(unit_notes)
+        with _timed(timings, "prepare"):
+            prepared = {u.path: stages.prepare_unit(u.graph_module, u.example_inputs, backend) for u in plan.units}
+            root = _install(working, prepared)
+        with _timed(timings, "calibrate"):
+            calibrate(root, calibration_batches(calibration_data, example_inputs))
+        with _timed(timings, "convert"):
+            converted = {path: stages.convert_unit(p, backend) for path, p in prepared.items()}
+            root = _install(working, converted)
+        _check_output(root, example_inputs)
+    report = _build_report(backend.name, plan, converted, pass_records, timings, notes)
+    return QuantizedModel(root, inspect.signature(model.forward), backend.engine, report,
+                          bind_by_signature="" in converted)
+
+
+def _check_inputs(model: Any, example_inputs: Any) -> tuple:
+    if not isinstance(model, nn.Module):
+        raise InvalidInputError(f"fxq.quantize needs a torch.nn.Module, got {type(model).__name__}")
+    if example_inputs is None:
+        raise InvalidInputError("fxq.quantize needs example_inputs: a tuple of the model's positional arguments")
+    example_inputs = as_args(example_inputs)
+    try:
+        with torch.no_grad():
+            copy.deepcopy(model).eval()(*clone_inputs(example_inputs))
+    except Exception as error:
+        raise InvalidInputError(f"example_inputs do not run through {type(model).__name__}: "
+                                f"{type(error).__name__}: {error}. Pass the positional arguments of one forward call "
+                                "as a tuple, e.g. (torch.randn(1, 3, 224, 224),)") from error
+    return example_inputs
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+
+
+def _install(working: nn.Module, unit_modules: dict[str, nn.Module]) -> nn.Module:
+    """Put each unit's module at its path; the root unit ("") replaces the model itself."""
+    if "" in unit_modules:
+        return unit_modules[""]
+    for path, module in unit_modules.items():
+        parent_path, _, name = path.rpartition(".")
+        setattr(working.get_submodule(parent_path), name, module)
+    return working
+
+
+def _check_output(root: nn.Module, example_inputs: tuple) -> None:
+    with torch.no_grad():
+        output = root(*clone_inputs(example_inputs))
+    if not all_finite(output):
+        raise QuantizationFailure("the int8 model produced NaN/Inf on example_inputs after calibration; "
+                                  "check calibration_data for outliers, or keep the offending layers float")
+
+
+def _build_report(backend_name, plan, converted, pass_records, timings, notes) -> QuantizationReport:
+    report = QuantizationReport(backend=backend_name, passes=pass_records, float_parts=dict(plan.float_parts),
+                                stage_seconds=timings, notes=notes)
+    for unit in plan.units:
+        for node in unit.graph_module.graph.nodes:
+            reason = float_reason(node)
+            if reason is not None and node.op in ("call_module", "call_function", "call_method"):
+                report.float_nodes.append(FloatNode(unit.path, node.name, str(node.target), reason))
+    for gm in converted.values():
+        q, dq = count_transitions(gm)
+        report.quantize_ops += q
+        report.dequantize_ops += dq
+        report.quantized_ops += count_quantized_ops(gm)
+    return report

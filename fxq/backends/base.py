@@ -1,0 +1,149 @@
+"""A backend is one declarative object: what it quantizes, how, and which rewrites it needs.
+
+The set of ops a backend can run in int8 is derived from its BackendConfig — the one source
+of truth the float-island pass reads — never from a second hand-kept list.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.fx as fx
+
+from fxq import fused, quant
+from fxq.errors import BackendError
+
+#: An argument check: given the graph and a node whose target the backend supports, return
+#: None when the call's arguments are fine, or the reason it must stay float.
+ArgCheck = Callable[[fx.GraphModule, fx.Node], Optional[str]]
+
+_OBSERVERS = {
+    "minmax": quant.MinMaxObserver,
+    "histogram": quant.HistogramObserver,
+    "moving_average": quant.MovingAverageMinMaxObserver,
+}
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one kind of tensor (activations or weights) is quantized."""
+
+    dtype: torch.dtype = torch.quint8
+    bits: int = 8
+    symmetric: bool = False
+    per_channel: bool = False
+    observer: str = "histogram"
+    reduce_range: bool = False
+
+    def __post_init__(self):
+        if self.dtype not in (torch.quint8, torch.qint8):
+            raise BackendError(f"QuantSpec dtype must be torch.quint8 or torch.qint8, got {self.dtype}")
+        if not 2 <= self.bits <= 8:
+            raise BackendError(f"QuantSpec bits must be in 2..8, got {self.bits}")
+        if self.observer not in _OBSERVERS:
+            raise BackendError(f"QuantSpec observer must be one of {sorted(_OBSERVERS)}, got {self.observer!r}")
+
+    def quant_range(self) -> tuple[int, int]:
+        bits = self.bits - 1 if self.reduce_range else self.bits
+        if self.dtype == torch.qint8:
+            return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        return 0, 2 ** bits - 1
+
+    def observer_factory(self):
+        """An observer constructor (``with_args``) implementing this spec."""
+        qmin, qmax = self.quant_range()
+        if self.per_channel:
+            scheme = torch.per_channel_symmetric if self.symmetric else torch.per_channel_affine
+            return quant.PerChannelMinMaxObserver.with_args(
+                dtype=self.dtype, qscheme=scheme, quant_min=qmin, quant_max=qmax)
+        scheme = torch.per_tensor_symmetric if self.symmetric else torch.per_tensor_affine
+        return _OBSERVERS[self.observer].with_args(
+            dtype=self.dtype, qscheme=scheme, quant_min=qmin, quant_max=qmax)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A quantization target. See docs/backends.md for every field."""
+
+    name: str
+    build_backend_config: Callable[[], "quant.BackendConfig"]
+    engine: Optional[str] = None
+    activation: QuantSpec = QuantSpec()
+    weight: QuantSpec = QuantSpec(dtype=torch.qint8, symmetric=True, per_channel=True, observer="minmax")
+    native_prelu: bool = False
+    torch_qconfig_base: str = "x86"
+    arg_checks: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.name or not isinstance(self.name, str):
+            raise BackendError("Backend.name must be a non-empty string")
+
+    @property
+    def absorbs_clamps(self) -> bool:
+        """Affine activations saturate at the observed range, so a clamp can be absorbed."""
+        return not self.activation.symmetric
+
+    @functools.cached_property
+    def backend_config(self) -> "quant.BackendConfig":
+        return self.build_backend_config()
+
+    @functools.cached_property
+    def supported_targets(self) -> frozenset:
+        """Every module type, function and method name some pattern of the config names."""
+        targets = set()
+        for config in self.backend_config.configs:
+            pattern = config.pattern if config.pattern is not None else config._pattern_complex_format
+            targets.update(_flatten_pattern(pattern))
+        return frozenset(targets)
+
+    def qconfig_mapping(self, activation_observer: Optional[str] = None) -> "quant.QConfigMapping":
+        """torch QConfigMapping for this backend; ``activation_observer`` overrides the observer
+        (the fallback dry run uses cheap "minmax": it only needs to know which kernels run)."""
+        activation = self.activation
+        if activation_observer is not None:
+            activation = dataclasses.replace(activation, observer=activation_observer)
+        per_tensor_weight = dataclasses.replace(self.weight, per_channel=False)
+        qconfig = quant.QConfig(activation=activation.observer_factory(), weight=self.weight.observer_factory())
+        transpose = quant.QConfig(activation=activation.observer_factory(), weight=per_tensor_weight.observer_factory())
+        mapping = quant.default_mapping(qconfig, transpose, self.torch_qconfig_base)
+        for fused_type, (root, _, _) in fused.FUSED_TYPES.items():
+            if root in (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d):
+                mapping.set_object_type(fused_type, transpose)
+        return mapping
+
+    def unsupported_reason(self, gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
+        """None when this backend can run ``node`` in int8, else why not."""
+        target = _pattern_key(gm, node)
+        if target is None or target not in self.supported_targets:
+            return f"backend {self.name!r} has no int8 kernel for {_describe(target, node)}"
+        check = self.arg_checks.get(target)
+        return check(gm, node) if check is not None else None
+
+
+def _flatten_pattern(pattern):
+    if isinstance(pattern, tuple):
+        for item in pattern:
+            yield from _flatten_pattern(item)
+    elif pattern is not None:
+        yield pattern
+
+
+def _pattern_key(gm: fx.GraphModule, node: fx.Node):
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target))
+    if node.op in ("call_function", "call_method"):
+        return node.target
+    return None
+
+
+def _describe(target, node: fx.Node) -> str:
+    if isinstance(target, type):
+        return f"module {target.__module__}.{target.__name__} ({node.target})"
+    if isinstance(target, str):
+        return f"method .{target}() (node {node.name})"
+    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", str(target))
+    module = getattr(target, "__module__", None) or "torch"
+    return f"{module}.{name} (node {node.name})"

@@ -1,0 +1,1 @@
+"""Graph rewrites, one per module; ``fxq.pipeline`` composes them in order."""

@@ -1,0 +1,160 @@
+"""Pattern: every value-producing node the backend cannot run in int8 (or that an earlier
+pass marked float). Rewrite: keep it in float, grow the float region over neighbours where
+that removes quantize/dequantize transitions, and make the decision binding for prepare_fx.
+
+Why grow: a cheap op (reshape, add, pool) quantized between two float ops costs a quantize
+and a dequantize and saves nothing; plain FX leaves exactly such Q/DQ pairs around every tiny
+op of mobile nets and ends slower than fp32. Compute-heavy ops (conv, linear, matmul) stay
+quantized unless they are surrounded by float on every side *and* do little work per element.
+
+How the decision binds: function and method calls kept float become ``FloatOp`` modules
+(see ``fxq.float_op``); module calls keep their module and get ``float_reason`` in their
+meta, which the quantization stage turns into a ``None`` qconfig.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Iterator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from fxq.backends.base import Backend
+from fxq.float_op import FloatOp
+from fxq.passes.base import PassResult, add_submodule_unique, finish, float_reason, fxq_meta, get_module
+
+NAME = "place_float_islands"
+GROWN_REASON = "kept float with its float neighbours: quantizing it alone would add more Q/DQ transitions than it saves"
+HEAVY_FUNCTIONS = {torch.matmul, torch.bmm, torch.nn.functional.linear, torch.nn.functional.conv1d,
+                   torch.nn.functional.conv2d, torch.nn.functional.conv3d, operator.matmul}
+#: Multiply-accumulates per output element below which a heavy op is not worth two transitions.
+MIN_WORTHWHILE_MACS_PER_ELEMENT = 16
+
+
+def carries_float_tensor(node: fx.Node) -> bool:
+    """True when the node's output is (or contains) a floating-point tensor."""
+    return any(meta.dtype.is_floating_point for meta in _tensor_metas(node.meta.get("tensor_meta")))
+
+
+def _tensor_metas(meta) -> Iterator:
+    if meta is None:
+        return
+    if hasattr(meta, "dtype") and hasattr(meta, "shape"):
+        yield meta
+    elif isinstance(meta, (list, tuple)):
+        for item in meta:
+            yield from _tensor_metas(item)
+    elif isinstance(meta, dict):
+        for item in meta.values():
+            yield from _tensor_metas(item)
+
+
+def _value_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes
+            if n.op in ("call_module", "call_function", "call_method") and carries_float_tensor(n)]
+
+
+def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    inputs: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda a: inputs.append(a) if carries_float_tensor(a) or a.op == "placeholder" else None)
+    return inputs
+
+
+def _initial_float(gm: fx.GraphModule, backend: Backend, values: list[fx.Node]) -> dict[fx.Node, str]:
+    floats: dict[fx.Node, str] = {}
+    for node in values:
+        if node.op == "call_function" and node.target is operator.getitem:
+            continue  # follows its producer, decided below
+        reason = float_reason(node) or backend.unsupported_reason(gm, node)
+        if reason:
+            floats[node] = reason
+    return floats
+
+
+def _follow_producers(values: list[fx.Node], floats: dict[fx.Node, str]) -> None:
+    for node in values:
+        if node.op == "call_function" and node.target is operator.getitem:
+            producer = node.args[0]
+            if isinstance(producer, fx.Node) and (producer in floats or producer.op == "placeholder"):
+                floats[node] = floats.get(producer, "element of a float value")
+
+
+def _is_float(node: fx.Node, floats: dict[fx.Node, str]) -> bool:
+    return node in floats or node.op in ("placeholder", "get_attr", "output") or not carries_float_tensor(node)
+
+
+def _transitions(node: fx.Node, floats: dict[fx.Node, str], as_float: bool) -> int:
+    neighbours = _tensor_inputs(node) + [u for u in node.users if u.op == "output" or carries_float_tensor(u)]
+    return sum(1 for other in neighbours if _is_float(other, floats) != as_float)
+
+
+def _macs_per_output_element(gm: fx.GraphModule, node: fx.Node) -> float:
+    module = get_module(gm, node)
+    root = module[0] if isinstance(module, nn.Sequential) and len(module) else module
+    weight = getattr(root, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight[0].numel() if weight.dim() > 1 else 1.0
+    if node.op == "call_function" and node.target in HEAVY_FUNCTIONS:
+        return float("inf")  # shape-dependent; treat as heavy
+    return 0.0
+
+
+def _grow(gm: fx.GraphModule, values: list[fx.Node], floats: dict[fx.Node, str]) -> None:
+    changed = True
+    while changed:
+        changed = False
+        for node in values:
+            if node in floats:
+                continue
+            heavy = _macs_per_output_element(gm, node) >= MIN_WORTHWHILE_MACS_PER_ELEMENT
+            cost_quantized = _transitions(node, floats, as_float=False)
+            cost_float = _transitions(node, floats, as_float=True)
+            surrounded = cost_float == 0
+            if (not heavy and cost_float < cost_quantized) or (heavy and surrounded and cost_quantized > 0):
+                floats[node] = GROWN_REASON
+                changed = True
+
+
+def decide_float_nodes(gm: fx.GraphModule, backend: Backend) -> dict[fx.Node, str]:
+    """Which value nodes run in float, and why. Reads only; the graph is not touched."""
+    values = _value_nodes(gm)
+    floats = _initial_float(gm, backend, values)
+    _follow_producers(values, floats)
+    _grow(gm, values, floats)
+    _follow_producers(values, floats)
+    return floats
+
+
+def _wrap_call(gm: fx.GraphModule, node: fx.Node, reason: str) -> None:
+    name = add_submodule_unique(gm, f"float_ops.{node.name}", FloatOp(node.target, reason))
+    with gm.graph.inserting_before(node):
+        wrapped = gm.graph.call_module(name, node.args, node.kwargs)
+    wrapped.meta = dict(node.meta)
+    wrapped.meta["fxq"] = {**node.meta.get("fxq", {}), "float_reason": reason, "changed_by": NAME}
+    node.replace_all_uses_with(wrapped)
+    gm.graph.erase_node(node)
+
+
+def place_float_islands(gm: fx.GraphModule, backend: Backend) -> PassResult:
+    """Keep every node ``backend`` cannot quantize in float, with as few transitions as possible.
+
+    Example::
+
+        result = place_float_islands(gm, fxq.get_backend("x86"))
+        [n.meta["fxq"]["float_reason"] for n in result.graph_module.graph.nodes
+         if "float_reason" in n.meta.get("fxq", {})]
+    """
+    floats = decide_float_nodes(gm, backend)
+    changes = []
+    for node, reason in floats.items():
+        if node.op == "call_module":
+            if float_reason(node) is None:
+                fxq_meta(node)["float_reason"] = reason
+                changes.append(f"{node.target}: {reason}")
+        elif node.op == "call_function" and node.target is operator.getitem:
+            fxq_meta(node)["float_reason"] = reason  # element of a float tuple: float already
+        else:
+            changes.append(f"{node.name}: {reason}")
+            _wrap_call(gm, node, reason)
+    return finish(gm, changes)

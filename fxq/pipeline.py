@@ -1,0 +1,84 @@
+"""The ordered pass list, and the runner that proves each pass kept the float model intact.
+
+Order matters, and each line says why it stands where it does.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from typing import Callable
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.shape_prop import ShapeProp
+
+from fxq.backends.base import Backend
+from fxq.errors import RewriteError
+from fxq.passes.base import PassResult
+from fxq.passes.decompose_prelu import decompose_prelu
+from fxq.passes.fold_batchnorm import fold_batchnorm
+from fxq.passes.functionalize_inplace import functionalize_inplace
+from fxq.passes.lower_batchnorm import lower_batchnorm
+from fxq.passes.merge_activations import merge_activations
+from fxq.passes.modularize_functional_convs import modularize_functional_convs
+from fxq.passes.place_float_islands import place_float_islands
+from fxq.report import PassRecord
+from fxq.tensors import clone_inputs, relative_error
+
+Pass = tuple[str, Callable[[fx.GraphModule], PassResult]]
+
+#: Relative L2 error a float rewrite may introduce (BN folding reassociates a few products).
+REWRITE_TOLERANCE = 1e-4
+
+
+def passes_for(backend: Backend) -> list[Pass]:
+    """The rewrites fxq runs for ``backend``, in order."""
+    passes: list[Pass] = [
+        # First: every later pattern assumes each value is written exactly once.
+        ("functionalize_inplace", functionalize_inplace),
+        # torch's int8 PReLU is wrong (saturates the positive branch); most backends lack it.
+        *([] if backend.native_prelu else [("decompose_prelu", decompose_prelu)]),
+        # Before BN folding, so an F.conv2d followed by BatchNorm folds like an nn.Conv2d.
+        ("modularize_functional_convs", modularize_functional_convs),
+        ("fold_batchnorm", fold_batchnorm),
+        # Only the BatchNorms that could not fold are left; they become per-channel affines.
+        ("lower_batchnorm", lower_batchnorm),
+        # After folding: conv -> bn -> relu6 is conv -> relu6 by now.
+        ("merge_activations", functools.partial(merge_activations, absorb_clamps=backend.absorbs_clamps)),
+        # Last: decides float regions on the final graph, with the backend's op table.
+        ("place_float_islands", functools.partial(place_float_islands, backend=backend)),
+    ]
+    return passes
+
+
+def run_passes(gm: fx.GraphModule, example_inputs: tuple, backend: Backend) -> tuple[fx.GraphModule, list[PassRecord]]:
+    """Run every pass; after each one that changed the graph, check the float output still matches.
+
+    The shape propagation that refreshes ``tensor_meta`` for the next pass is also the run
+    whose output is compared, so each modifying pass costs one forward.
+    """
+    reference = _propagate(gm, example_inputs)
+    records: list[PassRecord] = []
+    for name, run in passes_for(backend):
+        start = time.perf_counter()
+        result = run(gm)
+        records.append(PassRecord(name, result.modified, result.changes, time.perf_counter() - start))
+        gm = result.graph_module
+        if result.modified:
+            _check_float_equivalence(reference, _propagate(gm, example_inputs), records)
+    return gm, records
+
+
+def _propagate(gm: fx.GraphModule, example_inputs: tuple):
+    with torch.no_grad():
+        return ShapeProp(gm).propagate(*clone_inputs(example_inputs))
+
+
+def _check_float_equivalence(reference, rewritten, records: list[PassRecord]) -> None:
+    error = relative_error(reference, rewritten)
+    if not error <= REWRITE_TOLERANCE:
+        before = ", ".join(r.name for r in records[:-1]) or "none"
+        raise RewriteError(
+            f"pass {records[-1].name!r} changed the float model's output (relative error {error:.2e} > "
+            f"{REWRITE_TOLERANCE:.0e}); passes before it: {before}. This is an fxq bug: please report it "
+            f"with the model. Changes made: {records[-1].changes[:5]}")

@@ -1,0 +1,130 @@
+"""The one place fxq touches ``torch.ao.quantization``.
+
+torch.ao.quantization is deprecated in favour of torchao's PT2E flow; keeping every import
+of it here means a move to PT2E changes this file only. Its deprecation and
+observer warnings are filtered inside :func:`quiet`, never globally, so fxq's users see
+their own warnings untouched.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any, Iterator
+
+import torch
+
+_TORCH_AO_NOISE = (
+    r"torch\.ao\.quantization is deprecated",
+    r"Please use quant_min and quant_max",
+    r"torch\.quantize_per_tensor, torch\.quantize_per_channel",
+    r"must run observer before calling calculate_qparams",
+    r"_aminmax is deprecated",
+    r".*TypedStorage is deprecated",
+)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence torch.ao's own deprecation chatter for the duration of the block."""
+    with warnings.catch_warnings():
+        for message in _TORCH_AO_NOISE:
+            warnings.filterwarnings("ignore", message=message)
+        yield
+
+
+with quiet():
+    import torch.ao.nn.intrinsic as nni
+    import torch.ao.nn.quantized as nnq
+    import torch.ao.nn.quantized.reference as nnqr
+    from torch.ao.quantization import QConfig, QConfigMapping
+    from torch.ao.quantization import get_default_qconfig_mapping as _torch_default_mapping
+    from torch.ao.quantization.backend_config import (
+        BackendConfig,
+        BackendPatternConfig,
+        DTypeConfig,
+        ObservationType,
+    )
+    from torch.ao.quantization.backend_config.qnnpack import get_qnnpack_backend_config
+    from torch.ao.quantization.backend_config.x86 import get_x86_backend_config
+    from torch.ao.quantization.fx import _lower_to_native_backend as _lowering
+    from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
+    from torch.ao.quantization.observer import (
+        HistogramObserver,
+        MinMaxObserver,
+        MovingAverageMinMaxObserver,
+        ObserverBase,
+        PerChannelMinMaxObserver,
+        PlaceholderObserver,
+    )
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+__all__ = [
+    "BackendConfig", "BackendPatternConfig", "DTypeConfig", "ObservationType",
+    "HistogramObserver", "MinMaxObserver", "MovingAverageMinMaxObserver", "ObserverBase",
+    "PerChannelMinMaxObserver", "PlaceholderObserver", "QConfig", "QConfigMapping",
+    "get_qnnpack_backend_config", "get_x86_backend_config", "nni", "nnq", "nnqr",
+    "prepare", "convert", "default_mapping", "register_lowering", "quiet",
+]
+
+
+def default_mapping(qconfig: QConfig, transpose_qconfig: QConfig, torch_backend: str) -> QConfigMapping:
+    """torch's default mapping for ``torch_backend`` with fxq's qconfigs in every slot.
+
+    Fixed-qparams ops (sigmoid, tanh, softmax...) keep torch's fixed observers: their
+    output range is known a priori and a calibrated range would only be worse.
+    """
+    with quiet():
+        mapping = _torch_default_mapping(torch_backend)
+        fixed = {
+            key: value for key, value in mapping.object_type_qconfigs.items()
+            if isinstance(value, QConfig) and _is_fixed_qparams(value)
+        }
+    transposes = {
+        torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d,
+        torch.nn.functional.conv_transpose1d, torch.nn.functional.conv_transpose2d,
+        torch.nn.functional.conv_transpose3d,
+    }
+    mapping.set_global(qconfig)
+    for key in list(mapping.object_type_qconfigs):
+        if key in fixed or key == "reshape":
+            continue
+        mapping.set_object_type(key, transpose_qconfig if key in transposes else qconfig)
+    return mapping
+
+
+def _is_fixed_qparams(qconfig: QConfig) -> bool:
+    with quiet():
+        observer = qconfig.activation()
+    return type(observer).__name__.startswith("FixedQParams")
+
+
+def prepare(gm: torch.fx.GraphModule, mapping: QConfigMapping, example_inputs: tuple,
+            backend_config: BackendConfig, leaf_names: list[str],
+            leaf_classes: list[type]) -> torch.fx.GraphModule:
+    """prepare_fx with fxq's leaves (float islands, untraceable parts) kept opaque."""
+    custom = (PrepareCustomConfig()
+              .set_non_traceable_module_names(list(leaf_names))
+              .set_non_traceable_module_classes(list(leaf_classes)))
+    with quiet():
+        return prepare_fx(gm, mapping, example_inputs, prepare_custom_config=custom,
+                          backend_config=backend_config)
+
+
+def convert(prepared: torch.fx.GraphModule, backend_config: BackendConfig) -> torch.fx.GraphModule:
+    with quiet():
+        return convert_fx(prepared, backend_config=backend_config)
+
+
+def register_lowering(fused_class: type, reference_class: type, quantized_class: type) -> None:
+    """Teach torch's native lowering to turn ``fused_class`` (reference) into ``quantized_class``.
+
+    torch keys its lowering on module type in a module-level table; fxq adds entries for
+    its own fused types only, so torch's behaviour for every other type is unchanged.
+    """
+    _lowering.STATIC_LOWER_FUSED_MODULE_MAP[fused_class] = (reference_class, quantized_class)
+
+
+def observer_state(module: torch.nn.Module) -> dict[str, Any]:
+    """min/max of every observer in a prepared model, for tests and reports."""
+    return {name: (float(m.min_val), float(m.max_val)) for name, m in module.named_modules()
+            if isinstance(m, ObserverBase) and hasattr(m, "min_val") and m.min_val.numel() == 1}

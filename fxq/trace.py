@@ -1,0 +1,168 @@
+"""Capture a model as torch.fx graphs, degrading gracefully instead of giving up.
+
+1. Non-tensor arguments (``forward(self, x, embed=False)``) are bound as concrete values, so
+   Python control flow on them resolves at trace time; the quantized model checks callers
+   pass the same values.
+2. When tracing fails inside a submodule, the innermost failing module becomes a leaf: it
+   stays float, with dequantize/quantize around it, and its error is reported. Repeat.
+3. When the root's own forward cannot be traced, each child is captured on its own
+   (recursively) and the root stays eager around the quantized children.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from fxq.passes.base import keep_float
+
+MAX_LEAF_ATTEMPTS = 64
+
+
+@dataclass
+class Unit:
+    """One traced graph module standing at ``path`` inside the model ("" is the root)."""
+
+    path: str
+    graph_module: fx.GraphModule
+    example_inputs: tuple
+    concrete_args: dict[str, Any]
+    leaves: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class CapturePlan:
+    units: list[Unit]
+    #: module path -> why it stays float (trace errors of leaves and of eager parents)
+    float_parts: dict[str, str]
+
+
+class _LeafTracer(fx.Tracer):
+    """A tracer that treats ``leaf_names`` as leaves and remembers where tracing failed."""
+
+    def __init__(self, leaf_names: set[str]):
+        super().__init__()
+        self.leaf_names = leaf_names
+        self.failing_module: Optional[str] = None
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname in self.leaf_names or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failing_module is None:  # the innermost module sees the error first
+                self.failing_module = self.path_of_module(m)
+            raise
+
+
+def describe_error(error: BaseException) -> str:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first_line}"[:300]
+
+
+def concrete_arguments(module: nn.Module, args: tuple, kwargs: Optional[dict] = None) -> dict[str, Any]:
+    """Arguments to bind at trace time: every non-tensor argument, given or defaulted."""
+    signature = inspect.signature(module.forward)
+    bound = signature.bind_partial(*args, **(kwargs or {}))
+    concrete = {}
+    for name, parameter in signature.parameters.items():
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        if name in bound.arguments:
+            value = bound.arguments[name]
+        elif parameter.default is not parameter.empty:
+            value = parameter.default
+        else:
+            continue
+        if not isinstance(value, torch.Tensor):
+            concrete[name] = value
+    return concrete
+
+
+def trace_with_leaves(module: nn.Module, concrete: dict[str, Any]) -> tuple[Optional[fx.GraphModule], dict[str, str], Optional[str]]:
+    """Trace ``module``, turning failing submodules into leaves. Returns (gm, leaves, root_error)."""
+    leaves: dict[str, str] = {}
+    for _ in range(MAX_LEAF_ATTEMPTS):
+        tracer = _LeafTracer(set(leaves))
+        try:
+            graph = tracer.trace(module, concrete_args=concrete or None)
+        except Exception as error:
+            failing = tracer.failing_module
+            if not failing or failing in leaves:
+                return None, leaves, describe_error(error)
+            leaves[failing] = describe_error(error)
+            continue
+        gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
+        _mark_leaves(gm, leaves)
+        return gm, leaves, None
+    return None, leaves, f"more than {MAX_LEAF_ATTEMPTS} submodules failed to trace"
+
+
+def _mark_leaves(gm: fx.GraphModule, leaves: dict[str, str]) -> None:
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target in leaves:
+            keep_float(node, f"could not be traced ({leaves[node.target]})")
+
+
+def plan_units(model: nn.Module, example_inputs: tuple, path: str = "") -> CapturePlan:
+    """Capture ``model`` as one unit, or as its traceable descendants when the root is not."""
+    concrete = concrete_arguments(model, example_inputs)
+    tensors = tuple(a for a in example_inputs if isinstance(a, torch.Tensor))
+    gm, leaves, root_error = trace_with_leaves(model, concrete)
+    float_parts = {_join(path, leaf): error for leaf, error in leaves.items()}
+    if gm is not None:
+        return CapturePlan([Unit(path, gm, tensors, concrete, leaves)], float_parts)
+    float_parts = {path or "<model>": f"forward kept eager: {root_error}"}
+    units: list[Unit] = []
+    for name, (child, child_args) in _record_child_calls(model, example_inputs).items():
+        if child_args is None:
+            float_parts[_join(path, name)] = "called with changing non-tensor arguments or tensor keywords"
+            continue
+        sub = plan_units(child, child_args, _join(path, name))
+        units.extend(sub.units)
+        float_parts.update(sub.float_parts)
+    return CapturePlan(units, float_parts)
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _record_child_calls(model: nn.Module, example_inputs: tuple) -> dict[str, tuple[nn.Module, Optional[tuple]]]:
+    """The positional arguments each direct child was called with (None if unusable)."""
+    calls: dict[str, list] = {}
+    handles = []
+    for name, child in model.named_children():
+        def hook(_module, args, kwargs, name=name):
+            calls.setdefault(name, []).append((args, kwargs))
+        handles.append(child.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    children = dict(model.named_children())
+    return {name: (children[name], _consistent_args(recorded)) for name, recorded in calls.items()}
+
+
+def _consistent_args(recorded: list) -> Optional[tuple]:
+    first_args, first_kwargs = recorded[0]
+    if any(isinstance(v, torch.Tensor) for v in first_kwargs.values()):
+        return None
+
+    def skeleton(args, kwargs):
+        return ([None if isinstance(a, torch.Tensor) else a for a in args], kwargs)
+
+    try:
+        if any(skeleton(a, k) != skeleton(first_args, first_kwargs) for a, k in recorded[1:]):
+            return None
+    except Exception:  # values whose == is not a bool (e.g. tensors inside containers)
+        return None
+    return tuple(first_args)

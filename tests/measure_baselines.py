@@ -1,0 +1,81 @@
+"""How far plain torch.ao FX int8 gets on each fixture: the baseline fxq must beat.
+
+Run as ``python tests/measure_baselines.py [name ...]``; not a test. For every seed model and
+every ZOO_SMOKE model it prints the stage plain FX failed at (or "ok"), the error, the SQNR of
+the int8 model against fp32 on fresh inputs, and the float build + forward time.
+"""
+
+import sys
+import time
+import warnings
+
+import torch
+
+from metrics import sqnr_db
+from seed_models import SEED_MODELS
+from zoo import ZOO_SMOKE, PlainFxError, make_zoo_model, plain_fx_int8
+
+NUM_FRESH_BATCHES = 4
+ERROR_WIDTH = 90
+
+
+def _fresh_inputs(example_inputs: tuple) -> list:
+    # Every fixture draws its inputs from a standard normal, so randn_like is the same distribution.
+    generator_state = torch.get_rng_state()
+    torch.manual_seed(1234)
+    batches = [tuple(torch.randn_like(t) for t in example_inputs) for _ in range(NUM_FRESH_BATCHES)]
+    torch.set_rng_state(generator_state)
+    return batches
+
+
+def _outputs(model, batches: list) -> list:
+    with torch.no_grad():
+        return [model(*inputs) for inputs in batches]
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= ERROR_WIDTH else text[: ERROR_WIDTH - 3] + "..."
+
+
+def measure(name: str, make_fixture) -> dict:
+    start = time.perf_counter()
+    model, example_inputs, calibration = make_fixture()
+    built = time.perf_counter()
+    fresh = _fresh_inputs(example_inputs)
+    reference = _outputs(model, fresh)
+    row = {"name": name, "build_s": built - start,
+           "forward_ms": 1000 * (time.perf_counter() - built) / NUM_FRESH_BATCHES}
+    try:
+        int8_model = plain_fx_int8(model, example_inputs, calibration)
+    except PlainFxError as error:
+        return {**row, "stage": error.stage, "error": _one_line(error.__cause__), "sqnr": None}
+    try:
+        actual = _outputs(int8_model, fresh)
+    except Exception as error:
+        return {**row, "stage": "run", "error": _one_line(error), "sqnr": None}
+    return {**row, "stage": "ok", "error": "", "sqnr": sqnr_db(reference, actual)}
+
+
+def _format(row: dict) -> str:
+    sqnr = "-" if row["sqnr"] is None else f"{row['sqnr']:.1f}"
+    return (f"{row['name']:26s} {row['build_s']:6.2f} {row['forward_ms']:7.1f} "
+            f"{row['stage']:9s} {sqnr:>6s}  {row['error']}")
+
+
+def _all_fixtures() -> dict:
+    zoo = {name: (lambda name=name: make_zoo_model(name)) for name in ZOO_SMOKE}
+    return {**SEED_MODELS, **zoo}
+
+
+def main(names: list) -> None:
+    warnings.simplefilter("ignore")
+    fixtures = _all_fixtures()
+    print("failed at: the plain-FX stage that raised (trace/prepare/calibrate/convert/run)")
+    print(f"{'model':26s} {'build':>6s} {'fwd ms':>7s} {'failed at':9s} {'SQNR':>6s}  error")
+    for name in names or fixtures:
+        print(_format(measure(name, fixtures[name])), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
