@@ -15,6 +15,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from fxq.backends.base import Backend
 from fxq.errors import RewriteError
 from fxq.passes.base import PassResult
+from fxq.passes.canonicalize_methods import canonicalize_methods
 from fxq.passes.decompose_prelu import decompose_prelu
 from fxq.passes.fold_batchnorm import fold_batchnorm
 from fxq.passes.functionalize_inplace import functionalize_inplace
@@ -36,6 +37,8 @@ def passes_for(backend: Backend) -> list[Pass]:
     passes: list[Pass] = [
         # First: every later pattern assumes each value is written exactly once.
         ("functionalize_inplace", functionalize_inplace),
+        # Pattern tables name torch.add, not x.add: spell methods the way backends match them.
+        ("canonicalize_methods", canonicalize_methods),
         # torch's int8 PReLU is wrong (saturates the positive branch); most backends lack it.
         *([] if backend.native_prelu else [("decompose_prelu", decompose_prelu)]),
         # Before BN folding, so an F.conv2d followed by BatchNorm folds like an nn.Conv2d.

@@ -23,6 +23,7 @@ from fxq.errors import QuantizationFailure
 from fxq.float_op import FloatOp
 from fxq.passes.base import float_reason, keep_float
 from fxq.passes.place_float_islands import place_float_islands
+from fxq.passes.run_shared_ops_in_int8 import run_shared_ops_in_int8
 from fxq.tensors import all_finite, clone_inputs, float_tensors
 
 MAX_FALLBACKS = 32
@@ -69,10 +70,11 @@ def prepare_unit(gm: fx.GraphModule, example_inputs: tuple, backend: Backend,
 
 def convert_unit(prepared: fx.GraphModule, backend: Backend) -> fx.GraphModule:
     try:
-        return quant.convert(prepared, backend.backend_config)
+        converted = quant.convert(prepared, backend.backend_config)
     except Exception as error:
         raise QuantizationFailure(f"convert_fx failed: {type(error).__name__}: {error}. "
                                   "Please report this model to fxq.") from error
+    return run_shared_ops_in_int8(converted, backend.int8_passthrough_ops).graph_module
 
 
 class _NodeTracker(fx.Interpreter):

@@ -2,7 +2,8 @@
 
 Run as ``python tests/measure_baselines.py [name ...]``; not a test. For every seed model and
 every ZOO_SMOKE model it prints the stage plain FX failed at (or "ok"), the error, the SQNR of
-the int8 model against fp32 on fresh inputs, and the float build + forward time.
+the int8 model against fp32 on fresh inputs, and how long building, a float forward and plain
+FX quantization took.
 """
 
 import sys
@@ -38,29 +39,35 @@ def _one_line(error: BaseException) -> str:
     return text if len(text) <= ERROR_WIDTH else text[: ERROR_WIDTH - 3] + "..."
 
 
-def measure(name: str, make_fixture) -> dict:
-    start = time.perf_counter()
-    model, example_inputs, calibration = make_fixture()
-    built = time.perf_counter()
-    fresh = _fresh_inputs(example_inputs)
-    reference = _outputs(model, fresh)
-    row = {"name": name, "build_s": built - start,
-           "forward_ms": 1000 * (time.perf_counter() - built) / NUM_FRESH_BATCHES}
+def _plain_fx_outcome(fixture, fresh: list, reference: list) -> dict:
     try:
-        int8_model = plain_fx_int8(model, example_inputs, calibration)
+        int8_model = plain_fx_int8(*fixture)
     except PlainFxError as error:
-        return {**row, "stage": error.stage, "error": _one_line(error.__cause__), "sqnr": None}
+        return {"stage": error.stage, "error": _one_line(error.__cause__), "sqnr": None}
     try:
         actual = _outputs(int8_model, fresh)
     except Exception as error:
-        return {**row, "stage": "run", "error": _one_line(error), "sqnr": None}
-    return {**row, "stage": "ok", "error": "", "sqnr": sqnr_db(reference, actual)}
+        return {"stage": "run", "error": _one_line(error), "sqnr": None}
+    return {"stage": "ok", "error": "", "sqnr": sqnr_db(reference, actual)}
+
+
+def measure(name: str, make_fixture) -> dict:
+    start = time.perf_counter()
+    fixture = make_fixture()
+    built = time.perf_counter()
+    fresh = _fresh_inputs(fixture.example_inputs)
+    reference = _outputs(fixture.model, fresh)
+    ran = time.perf_counter()
+    outcome = _plain_fx_outcome(fixture, fresh, reference)
+    return {"name": name, "build_s": built - start,
+            "forward_ms": 1000 * (ran - built) / NUM_FRESH_BATCHES,
+            "int8_s": time.perf_counter() - ran, **outcome}
 
 
 def _format(row: dict) -> str:
     sqnr = "-" if row["sqnr"] is None else f"{row['sqnr']:.1f}"
     return (f"{row['name']:26s} {row['build_s']:6.2f} {row['forward_ms']:7.1f} "
-            f"{row['stage']:9s} {sqnr:>6s}  {row['error']}")
+            f"{row['int8_s']:6.2f} {row['stage']:9s} {sqnr:>6s}  {row['error']}")
 
 
 def _all_fixtures() -> dict:
@@ -70,9 +77,15 @@ def _all_fixtures() -> dict:
 
 def main(names: list) -> None:
     warnings.simplefilter("ignore")
+    # On a shared 2-core machine a second intra-op thread mostly spin-waits: timings swung
+    # 5-20x between runs with 2 threads and were steady with 1.
+    torch.set_num_threads(1)
     fixtures = _all_fixtures()
     print("failed at: the plain-FX stage that raised (trace/prepare/calibrate/convert/run)")
-    print(f"{'model':26s} {'build':>6s} {'fwd ms':>7s} {'failed at':9s} {'SQNR':>6s}  error")
+    print("times: build s (incl. BatchNorm recalibration), fp32 forward ms, plain-FX int8 s "
+          "(quantize + the int8 forwards)")
+    print(f"{'model':26s} {'build':>6s} {'fwd ms':>7s} {'int8 s':>6s} {'failed at':9s} "
+          f"{'SQNR':>6s}  error")
     for name in names or fixtures:
         print(_format(measure(name, fixtures[name])), flush=True)
 

@@ -1,4 +1,5 @@
-"""functionalize_inplace: Before/Expected graphs, exact numerics, unsafe mutations kept, no-match, idempotence."""
+"""functionalize_inplace: Before/Expected graphs, exact numerics, kept unsafe mutations,
+no-match and idempotence."""
 from __future__ import annotations
 
 import copy
@@ -17,7 +18,7 @@ from fxq.passes.functionalize_inplace import functionalize_inplace
 IMAGE = (2, 3, 5, 5)
 
 
-def _trace(model: nn.Module, *inputs: torch.Tensor, tracer: fx.Tracer | None = None) -> fx.GraphModule:
+def _trace(model: nn.Module, *inputs: torch.Tensor, tracer=None) -> fx.GraphModule:
     """fxq works on a private copy of the model; ShapeProp runs on clones (mutations!)."""
     model = copy.deepcopy(model)
     if tracer is None:
@@ -44,7 +45,7 @@ def _callee(gm: fx.GraphModule, node: fx.Node) -> object:
 
 
 def _structure(gm: fx.GraphModule) -> list[tuple]:
-    """Op sequence with inputs as positions: compares wiring, not torch-version-specific code text."""
+    """Op sequence with inputs as positions: compares wiring, not version-specific code text."""
     position = {node: f"%{index}" for index, node in enumerate(gm.graph.nodes)}
 
     def show(value):
@@ -55,11 +56,12 @@ def _structure(gm: fx.GraphModule) -> list[tuple]:
 
 def _inplace_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     def is_inplace(node):
+        if node.op == "call_module":
+            return getattr(gm.get_submodule(node.target), "inplace", False)
         name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
         return (isinstance(name, str) and name.endswith("_") and not name.startswith("_")
-                or node.kwargs.get("inplace") is True or node.target in (operator.iadd,)
-                or node.op == "call_module" and getattr(gm.get_submodule(node.target), "inplace", False))
-    return [n for n in gm.graph.nodes if n.op != "output" and is_inplace(n)]
+                or node.kwargs.get("inplace") is True or node.target is operator.iadd)
+    return [n for n in gm.graph.nodes if n.op not in ("placeholder", "output") and is_inplace(n)]
 
 
 def _assert_same_outputs(model: nn.Module, gm: fx.GraphModule, *inputs: torch.Tensor) -> None:
@@ -194,6 +196,19 @@ class ShapeOnlyExpected(nn.Module):
         return y.sum(1), v.size(0)
 
 
+class Dropouts(nn.Module):
+    """Eval-mode dropout returns its input: the inplace flag is all that changes."""
+
+    def __init__(self, inplace: bool = True):
+        super().__init__()
+        self.drop = nn.Dropout(0.3, inplace=inplace)
+        self.eval()
+
+    def forward(self, x):
+        y = self.drop(x * 2)
+        return F.dropout(y + 1, 0.2, False, self.drop.inplace)
+
+
 REWRITTEN = [
     pytest.param(IssueExample, IssueExpected, (2, 3), id="issue-example"),
     pytest.param(TorchRelu, TorchReluExpected, (2, 3), id="torch.relu_"),
@@ -203,6 +218,7 @@ REWRITTEN = [
     pytest.param(OldValueRead, OldValueExpected, IMAGE, id="old-value-read"),
     pytest.param(Fills, FillsExpected, (2, 3), id="zero_-fill_"),
     pytest.param(ShapeOnly, ShapeOnlyExpected, (2, 3), id="unsqueeze_-size"),
+    pytest.param(Dropouts, lambda: Dropouts(inplace=False), (2, 3), id="dropout"),
 ]
 
 
@@ -232,9 +248,10 @@ def test_rewrite_is_exact_and_idempotent(before, expected, shape):
     gm.graph.lint()
 
 
-def test_issue_example_numerics_on_random_shapes():
+def test_exact_on_random_shapes():
     torch.manual_seed(0)
-    models = [IssueExample(), TorchRelu(), FunctionalInplace(), Chained(), Fills(), KeptMix()]
+    models = [IssueExample(), TorchRelu(), FunctionalInplace(), Chained(), Fills(), Dropouts(),
+              KeptMix(), MutatesInput(), MutatesThroughLiveView()]
     for _ in range(5):
         shape = tuple(torch.randint(1, 5, (int(torch.randint(2, 5, ())),)).tolist())
         x = torch.randn(shape)
@@ -265,7 +282,7 @@ def test_shared_module_turns_inplace_off():
     ]
 
 
-# ---------------------------------------------------------------- operator.iX and positional inplace
+# ---------------------------------------------------------------- operator.iadd, positional inplace
 
 def _iadd_graph(on_tensor: bool) -> fx.Graph:
     graph = fx.Graph()
@@ -371,11 +388,13 @@ class LeafTracer(fx.Tracer):
 
 KEPT = [
     pytest.param(MutatesInput, "add_", "placeholder x", id="placeholder"),
-    pytest.param(MutatesThroughLiveView, "add_", "alias view, read afterwards by output", id="live-view"),
+    pytest.param(MutatesThroughLiveView, "add_", "alias view, read afterwards by output",
+                 id="live-view"),
     pytest.param(MutatesBuffer, "add_", "module attribute count", id="buffer"),
     pytest.param(CopiesInto, "copy_", "no out-of-place form", id="copy_"),
     pytest.param(FillsWithTensor, "fill_", "no out-of-place form", id="fill_-tensor"),
-    pytest.param(MutatesUnknownOutput, "add_", "output of leaf, whose aliasing is unknown", id="unknown-leaf"),
+    pytest.param(MutatesUnknownOutput, "add_", "output of leaf, whose aliasing is unknown",
+                 id="unknown-leaf"),
 ]
 
 

@@ -313,7 +313,8 @@ def separable_block(cin, cout, stride, size, padding_arg):
         Conv2dStaticSame(cin, cin, 3, stride, groups=cin, bias=False, size=(size, size),
                          functional_padding=padding_arg),
         nn.BatchNorm2d(cin), nn.ReLU(),
-        Conv2dStaticSame(cin, cout, 1, bias=False, size=(size // stride,) * 2, functional_padding=padding_arg),
+        Conv2dStaticSame(cin, cout, 1, bias=False, size=(size // stride,) * 2,
+                         functional_padding=padding_arg),
         nn.BatchNorm2d(cout), nn.ReLU())
 
 
@@ -321,8 +322,8 @@ class SeparableNet(nn.Module):
     def __init__(self, padding_arg=0):
         super().__init__()
         self.stem = Conv2dStaticSame(3, 16, 3, 2, size=(64, 64), functional_padding=padding_arg)
-        self.blocks = nn.Sequential(*[separable_block(cin, cout, s, size, padding_arg) for cin, cout, s, size in
-                                      [(16, 32, 1, 32), (32, 64, 2, 32), (64, 64, 1, 16), (64, 128, 2, 16)]])
+        widths = [(16, 32, 1, 32), (32, 64, 2, 32), (64, 64, 1, 16), (64, 128, 2, 16)]
+        self.blocks = nn.Sequential(*[separable_block(*w, padding_arg) for w in widths])
         self.head = nn.Linear(128, 10)
 
     def forward(self, x):

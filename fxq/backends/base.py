@@ -76,6 +76,9 @@ class Backend:
     native_prelu: bool = False
     torch_qconfig_base: str = "x86"
     arg_checks: dict = field(default_factory=dict)
+    #: Shared-qparams ops beyond torch's own lists whose int8 kernels fxq may call directly
+    #: (torch's lowering would otherwise wrap them in dequantize/quantize).
+    int8_passthrough_ops: frozenset = frozenset()
 
     def __post_init__(self):
         if not self.name or not isinstance(self.name, str):

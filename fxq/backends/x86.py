@@ -3,7 +3,8 @@
 torch's native x86 pattern table, plus fxq's entries:
 - conv/conv-transpose/linear + clamp-like activations as one fused op (``fxq.fused``);
 - constant zero padding (``F.pad``, ``nn.ZeroPad*d``) run on int8 tensors: zero in float
-  is the zero point in int8, so TF-"same" padded convs need no float round trip.
+  is the zero point in int8, so TF-"same" padded convs need no float round trip;
+- ``nn.Flatten`` (torch lists only the ``torch.flatten`` function).
 """
 from __future__ import annotations
 
@@ -39,10 +40,14 @@ def fused_activation_configs(dtype_config) -> list:
     return configs
 
 
-def zero_pad_configs(dtype_config) -> list:
+#: Ops that only move or pad int8 values, missing from torch's table but run by its kernels.
+EXTRA_SHARED_QPARAMS_OPS = (F.pad, *ZERO_PAD_MODULES, nn.Flatten)
+
+
+def shared_qparams_configs(dtype_config) -> list:
     shared = quant.ObservationType.OUTPUT_SHARE_OBSERVER_WITH_INPUT
     return [quant.BackendPatternConfig(target).set_observation_type(shared).set_dtype_configs([dtype_config])
-            for target in (F.pad, *ZERO_PAD_MODULES)]
+            for target in EXTRA_SHARED_QPARAMS_OPS]
 
 
 def zero_pad_only(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
@@ -60,7 +65,7 @@ def zero_pad_only(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
 def build_x86_backend_config() -> "quant.BackendConfig":
     config = quant.get_x86_backend_config()
     config.set_backend_pattern_configs(fused_activation_configs(_INT8_WEIGHTED))
-    config.set_backend_pattern_configs(zero_pad_configs(_INT8_SHARED))
+    config.set_backend_pattern_configs(shared_qparams_configs(_INT8_SHARED))
     return config
 
 
@@ -79,4 +84,5 @@ x86 = Backend(
     native_prelu=False,  # torch's quantized PReLU saturates the positive branch; see decompose_prelu
     torch_qconfig_base="x86",
     arg_checks={target: zero_pad_only for target in (F.pad, *ZERO_PAD_MODULES)},
+    int8_passthrough_ops=frozenset(EXTRA_SHARED_QPARAMS_OPS),
 )

@@ -21,9 +21,13 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxq.passes.base import PassResult, add_submodule_unique, finish, fxq_meta, get_module, keep_float
+from fxq.passes.base import (
+    PassResult, add_submodule_unique, finish, fxq_meta, get_module, keep_float,
+)
 
 _PASS_NAME = "functionalize_inplace"
+_Order = dict[fx.Node, int]     # position in the graph before the rewrite; new nodes take the old
+_ArgsRewrite = Callable[[tuple, dict], "tuple[tuple, dict]"]
 
 _INPLACE_OPERATORS = {  # operator.iadd -> operator.add, operator.iand -> operator.and_, ...
     getattr(operator, "i" + name.rstrip("_")): getattr(operator, name)
@@ -51,7 +55,8 @@ _FRESH_NAMES = frozenset("""conv1d conv2d conv3d conv_transpose1d conv_transpose
     gather index_select maximum minimum interpolate pad layer_norm batch_norm group_norm
     instance_norm embedding gelu topk sort argmax argmin cumsum outer square""".split())
 # torch.nn.functional allocates its outputs, except these (identity for some arguments).
-_F_MAY_ALIAS = frozenset("pixel_shuffle pixel_unshuffle channel_shuffle native_channel_shuffle".split())
+_F_MAY_ALIAS = frozenset(
+    "pixel_shuffle pixel_unshuffle channel_shuffle native_channel_shuffle".split())
 _METADATA_METHODS = frozenset("""size dim ndimension numel nelement stride element_size
     get_device is_contiguous is_floating_point is_complex storage_offset data_ptr""".split())
 _METADATA_ATTRIBUTES = frozenset("shape dtype device ndim layout is_cuda requires_grad".split())
@@ -75,7 +80,7 @@ class _Replacement(NamedTuple):
     label: str
     # Maps the mutation's args/kwargs *at rewrite time* (earlier rewrites may have rewired
     # them) to the replacement's; None keeps them as they are.
-    rewrite_args: Optional[Callable[[tuple, dict], tuple[tuple, dict]]] = None
+    rewrite_args: Optional[_ArgsRewrite] = None
 
 
 @dataclass(frozen=True)
@@ -124,8 +129,8 @@ def _module_effect(module: Optional[nn.Module]) -> str:
         return "unknown"                    # user leaf modules may return a buffer or an input
     if isinstance(module, _ALIAS_MODULES):
         return "alias"
-    if isinstance(module, _FRESH_MODULES) or type(module).__module__ == "torch.nn.modules.activation":
-        return "fresh"
+    if isinstance(module, _FRESH_MODULES) or type(module).__module__.endswith(".activation"):
+        return "fresh"                      # activations here have inplace=False
     return "unknown"
 
 
@@ -164,15 +169,19 @@ def _first_input(node: fx.Node) -> Optional[fx.Node]:
 
 
 def _is_inplace_name(name: Any) -> bool:
-    return isinstance(name, str) and name.endswith("_") and not name.startswith("_")
+    """``add_``, ``relu_``: public names ending in one underscore (not ``__iadd__``)."""
+    return (isinstance(name, str) and name.endswith("_") and not name.startswith("_")
+            and name not in _ALIAS_NOOP_NAMES)
 
 
 def _special_replacement(name: str, node: fx.Node) -> Optional[_Replacement]:
     """Twin-less fills; ``fill_`` with a tensor value stays in place (None)."""
     rest = node.args[1:]
-    if name == "zero_" and not rest and not node.kwargs:
-        return _Replacement("call_function", torch.zeros_like, "zeros_like", lambda args, _: (args[:1], {}))
-    if name == "fill_" and len(rest) == 1 and not node.kwargs and isinstance(rest[0], (bool, int, float)):
+    if node.kwargs:
+        return None
+    if name == "zero_" and not rest:
+        return _Replacement("call_function", torch.zeros_like, "zeros_like")
+    if name == "fill_" and len(rest) == 1 and isinstance(rest[0], (bool, int, float)):
         return _Replacement("call_function", torch.full_like, "full_like")
     return None
 
@@ -189,7 +198,7 @@ def _named_inplace(node: fx.Node, name: str, namespace: Any) -> Optional[_Replac
     return _Replacement("call_function", twin, name[:-1])
 
 
-def _inplace_flag_cleared(node: fx.Node) -> Optional[Callable[[tuple, dict], tuple[tuple, dict]]]:
+def _inplace_flag_cleared(node: fx.Node) -> Optional[_ArgsRewrite]:
     """For a torch function called with ``inplace=True``: how to call it with inplace=False."""
     fn = node.target
     if not getattr(fn, "__module__", "").startswith("torch"):
@@ -213,16 +222,17 @@ def _function_mutation(node: fx.Node) -> Optional[tuple[str, Optional[_Replaceme
         twin = _INPLACE_OPERATORS[fn]
         return fn.__name__, _Replacement("call_function", twin, twin.__name__)
     name, namespace = _torch_name(fn)
-    if _is_inplace_name(name) and name not in _ALIAS_NOOP_NAMES:
+    if _is_inplace_name(name):
         return name, _named_inplace(node, name, namespace)
     cleared = _inplace_flag_cleared(node)
     if cleared is None:
         return None
     label = getattr(fn, "__name__", str(fn))
-    return f"{label}(inplace=True)", _Replacement("call_function", fn, f"{label}(inplace=False)", cleared)
+    replacement = _Replacement("call_function", fn, f"{label}(inplace=False)", cleared)
+    return f"{label}(inplace=True)", replacement
 
 
-def _module_mutation(gm: fx.GraphModule, node: fx.Node) -> Optional[tuple[str, Optional[_Replacement]]]:
+def _module_mutation(gm: fx.GraphModule, node: fx.Node) -> Optional[tuple[str, _Replacement]]:
     module = get_module(gm, node)
     if not (_is_torch_nn(module) and getattr(module, "inplace", None) is True):
         return None
@@ -233,7 +243,7 @@ def _module_mutation(gm: fx.GraphModule, node: fx.Node) -> Optional[tuple[str, O
 
 def _find_mutation(gm: fx.GraphModule, node: fx.Node) -> Optional[_Mutation]:
     found = None
-    if node.op == "call_method" and _is_inplace_name(node.target) and node.target not in _ALIAS_NOOP_NAMES:
+    if node.op == "call_method" and _is_inplace_name(node.target):
         found = node.target, _named_inplace(node, node.target, torch.Tensor)
     elif node.op == "call_function":
         found = _function_mutation(node)
@@ -247,54 +257,41 @@ def _find_mutation(gm: fx.GraphModule, node: fx.Node) -> Optional[_Mutation]:
 
 # ---------------------------------------------------------------- who shares storage with whom
 
-class _UnionFind:
-    def __init__(self) -> None:
-        self._parent: dict[fx.Node, fx.Node] = {}
-
-    def find(self, item: fx.Node) -> fx.Node:
-        root = item
-        while self._parent.setdefault(root, root) is not root:
-            root = self._parent[root]
-        while item is not root:                                  # path compression
-            self._parent[item], item = root, self._parent[item]
-        return root
-
-    def union(self, a: fx.Node, b: fx.Node) -> None:
-        self._parent[self.find(a)] = self.find(b)
-
-    def classes(self) -> dict[fx.Node, frozenset[fx.Node]]:
-        groups: dict[fx.Node, set[fx.Node]] = {}
-        for item in list(self._parent):
-            groups.setdefault(self.find(item), set()).add(item)
-        return {item: frozenset(groups[self.find(item)]) for item in self._parent}
+def _merge(classes: dict[fx.Node, set[fx.Node]], a: fx.Node, b: fx.Node) -> None:
+    """Union of the classes of ``a`` and ``b``; every member maps to the one shared set."""
+    class_a, class_b = classes.setdefault(a, {a}), classes.setdefault(b, {b})
+    if class_a is not class_b:
+        class_a |= class_b
+        classes.update(dict.fromkeys(class_b, class_a))
 
 
 @dataclass(frozen=True)
 class _Storage:
-    same_tensor: dict[fx.Node, frozenset[fx.Node]]   # in-place chains: one tensor object
-    may_alias: dict[fx.Node, frozenset[fx.Node]]     # views, in-place chains, unknown ops
-    sources: frozenset[fx.Node]                      # storage possibly from outside the graph
+    same_tensor: dict[fx.Node, set[fx.Node]]    # in-place chains: one tensor object
+    may_alias: dict[fx.Node, set[fx.Node]]      # views, in-place chains, unknown ops
+    sources: frozenset[fx.Node]                 # storage possibly from outside the graph
 
 
 def _storage_classes(gm: fx.GraphModule, mutations: dict[fx.Node, _Mutation]) -> _Storage:
-    same_tensor, may_alias, sources = _UnionFind(), _UnionFind(), set()
+    same_tensor: dict[fx.Node, set[fx.Node]] = {}
+    may_alias: dict[fx.Node, set[fx.Node]] = {}
+    sources = set()
     for node in gm.graph.nodes:
         mutation = mutations.get(node)
         if mutation is not None and mutation.on_tensor:
-            same_tensor.union(node, mutation.mutated)
-            may_alias.union(node, mutation.mutated)
+            _merge(same_tensor, node, mutation.mutated)
+            _merge(may_alias, node, mutation.mutated)
             continue
         if node.op == "output" or not _may_hold_tensor(node):
             continue
-        may_alias.find(node)
+        may_alias.setdefault(node, {node})
         effect = _storage_effect(gm, node)
         if effect in ("source", "unknown"):
             sources.add(node)
         if effect != "fresh":   # conservative: an unknown op may return any of its inputs
-            for source in node.all_input_nodes:
-                if _may_hold_tensor(source):
-                    may_alias.union(node, source)
-    return _Storage(same_tensor.classes(), may_alias.classes(), frozenset(sources))
+            for source in filter(_may_hold_tensor, node.all_input_nodes):
+                _merge(may_alias, node, source)
+    return _Storage(same_tensor, may_alias, frozenset(sources))
 
 
 # ---------------------------------------------------------------- deciding
@@ -307,7 +304,7 @@ def _describe_source(node: fx.Node) -> str:
     return f"the output of {node.name}, whose aliasing is unknown"
 
 
-def _unsafe_reason(mutation: _Mutation, storage: _Storage, order: dict[fx.Node, int]) -> Optional[str]:
+def _unsafe_reason(mutation: _Mutation, storage: _Storage, order: _Order) -> Optional[str]:
     """Why ``mutation`` must stay in place, or None when rewriting it keeps the semantics."""
     node, what = mutation.node, f"in-place {mutation.label} (node {mutation.node.name})"
     if mutation.replacement is None:
@@ -316,20 +313,22 @@ def _unsafe_reason(mutation: _Mutation, storage: _Storage, order: dict[fx.Node, 
         return None                     # python numbers have no aliases to see the change
     chain = storage.same_tensor[node]
     earlier = sorted((a for a in storage.may_alias[node] if order[a] < order[node]), key=order.get)
+    # (a) the storage must be born in the graph: not an input, a module attribute or unknown.
     for alias in earlier:
         if alias in storage.sources:
             view = "" if alias in chain else "a view of "
             return f"{what} on {view}{_describe_source(alias)}: keeping float"
-    for alias in earlier:
-        if alias in chain:
-            continue                    # the rewrite points these readers at the new node
+    # (b) no other name for that storage may be read after the mutation; the chain's own
+    # names are fine: the rewrite points their later readers at the new node.
+    for alias in (a for a in earlier if a not in chain):
         for reader in alias.users:
             if order[reader] > order[node] and not _reads_only_metadata(reader):
-                return f"{what} changes alias {alias.name}, read afterwards by {reader.name}: keeping float"
+                return (f"{what} changes alias {alias.name}, read afterwards by {reader.name}: "
+                        "keeping float")
     return None
 
 
-def _float_closure(mutation: _Mutation, storage: _Storage, order: dict[fx.Node, int]) -> list[fx.Node]:
+def _float_closure(mutation: _Mutation, storage: _Storage, order: _Order) -> list[fx.Node]:
     """Everything sharing storage with a kept mutation, and every later reader of it."""
     members = storage.may_alias.get(mutation.node, frozenset({mutation.node}))
     readers = {user for member in members for user in member.users
@@ -339,8 +338,10 @@ def _float_closure(mutation: _Mutation, storage: _Storage, order: dict[fx.Node, 
 
 # ---------------------------------------------------------------- rewriting
 
-def _functional_module_targets(gm: fx.GraphModule, safe: list[_Mutation], kept: list[_Mutation]) -> dict[str, str]:
-    """Turn off ``inplace`` on modules called only at safe sites; others get an out-of-place copy."""
+def _functional_module_targets(
+    gm: fx.GraphModule, safe: list[_Mutation], kept: list[_Mutation],
+) -> dict[str, str]:
+    """Turn ``inplace`` off on modules called only at safe sites; the others get a copy."""
     kept_modules = {id(get_module(gm, m.node)) for m in kept if m.node.op == "call_module"}
     targets: dict[str, str] = {}
     for mutation in safe:
@@ -357,12 +358,16 @@ def _functional_module_targets(gm: fx.GraphModule, safe: list[_Mutation], kept: 
     return targets
 
 
-def _insert_replacement(gm: fx.GraphModule, mutation: _Mutation, module_targets: dict[str, str]) -> fx.Node:
+def _insert_replacement(
+    gm: fx.GraphModule, mutation: _Mutation, module_targets: dict[str, str],
+) -> fx.Node:
     old, replacement = mutation.node, mutation.replacement
     args, kwargs = old.args, dict(old.kwargs)
     if replacement.rewrite_args is not None:
         args, kwargs = replacement.rewrite_args(args, kwargs)
-    target = module_targets[replacement.target] if replacement.op == "call_module" else replacement.target
+    target = replacement.target
+    if replacement.op == "call_module":
+        target = module_targets[target]
     with gm.graph.inserting_after(old):
         new = gm.graph.create_node(replacement.op, target, tuple(args), kwargs)
     new.meta.update({key: value for key, value in old.meta.items() if key != "fxq"})
@@ -370,16 +375,18 @@ def _insert_replacement(gm: fx.GraphModule, mutation: _Mutation, module_targets:
     return new
 
 
-def _rewire_later_readers(same_tensor: list[fx.Node], new: fx.Node, after: int, order: dict[fx.Node, int]) -> None:
+def _rewire_later_readers(names: list[fx.Node], new: fx.Node, after: int, order: _Order) -> None:
     """Readers after the mutation saw the mutated tensor through any name it had before."""
-    for node in same_tensor:
+    for node in names:
         for user in list(node.users):
             if order.get(user, -1) > after:
                 user.replace_input_with(node, new)
 
 
-def _rewrite(gm: fx.GraphModule, safe: list[_Mutation], kept: list[_Mutation], storage: _Storage,
-             order: dict[fx.Node, int]) -> tuple[dict[fx.Node, fx.Node], list[str]]:
+def _rewrite(
+    gm: fx.GraphModule, safe: list[_Mutation], kept: list[_Mutation], storage: _Storage,
+    order: _Order,
+) -> tuple[dict[fx.Node, fx.Node], list[str]]:
     module_targets = _functional_module_targets(gm, safe, kept)
     replaced: dict[fx.Node, fx.Node] = {}
     changes = []
@@ -401,7 +408,7 @@ def _rewrite(gm: fx.GraphModule, safe: list[_Mutation], kept: list[_Mutation], s
 
 def functionalize_inplace(gm: fx.GraphModule) -> PassResult:
     """Replace provably local in-place ops with out-of-place ones; keep the rest in float."""
-    mutations = [m for m in map(lambda n: _find_mutation(gm, n), gm.graph.nodes) if m is not None]
+    mutations = [m for m in (_find_mutation(gm, n) for n in gm.graph.nodes) if m is not None]
     if not mutations:
         return finish(gm, [])
     order = {node: index for index, node in enumerate(gm.graph.nodes)}
@@ -415,7 +422,7 @@ def functionalize_inplace(gm: fx.GraphModule) -> PassResult:
     for mutation in kept:               # own reasons first: keep_float keeps the first reason
         keep_float(mutation.node, reasons[mutation.node])
     for mutation in kept:
+        why = f"shares storage with {mutation.node.name}, an in-place {mutation.label} left as is"
         for node in closures[mutation.node]:
-            shared = f"shares storage with {mutation.node.name}, an in-place {mutation.label} kept as written"
-            keep_float(replaced.get(node, node), f"{node.name} {shared}: keeping float")
+            keep_float(replaced.get(node, node), f"{node.name} {why}: keeping float")
     return finish(gm, changes)

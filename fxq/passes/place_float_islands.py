@@ -28,7 +28,7 @@ NAME = "place_float_islands"
 GROWN_REASON = "kept float with its float neighbours: quantizing it alone would add more Q/DQ transitions than it saves"
 HEAVY_FUNCTIONS = {torch.matmul, torch.bmm, torch.nn.functional.linear, torch.nn.functional.conv1d,
                    torch.nn.functional.conv2d, torch.nn.functional.conv3d, operator.matmul}
-#: Multiply-accumulates per output element below which a heavy op is not worth two transitions.
+#: Multiply-accumulates per output element from which an op is worth two transitions.
 MIN_WORTHWHILE_MACS_PER_ELEMENT = 16
 
 
@@ -107,11 +107,9 @@ def _grow(gm: fx.GraphModule, values: list[fx.Node], floats: dict[fx.Node, str])
         for node in values:
             if node in floats:
                 continue
-            heavy = _macs_per_output_element(gm, node) >= MIN_WORTHWHILE_MACS_PER_ELEMENT
-            cost_quantized = _transitions(node, floats, as_float=False)
-            cost_float = _transitions(node, floats, as_float=True)
-            surrounded = cost_float == 0
-            if (not heavy and cost_float < cost_quantized) or (heavy and surrounded and cost_quantized > 0):
+            if _macs_per_output_element(gm, node) >= MIN_WORTHWHILE_MACS_PER_ELEMENT:
+                continue
+            if _transitions(node, floats, as_float=True) < _transitions(node, floats, as_float=False):
                 floats[node] = GROWN_REASON
                 changed = True
 
