@@ -13,7 +13,7 @@ import torch.nn as nn
 from fxq import pipeline, stages, trace
 from fxq.backends import get_backend
 from fxq.calibrate import as_args, calibrate, calibration_batches
-from fxq.errors import FxqError, InvalidInputError, QuantizationFailure
+from fxq.errors import InvalidInputError, QuantizationFailure
 from fxq.passes.base import float_reason
 from fxq.report import FloatNode, QuantizationReport, count_quantized_ops, count_transitions
 from fxq.tensors import all_finite, clone_inputs

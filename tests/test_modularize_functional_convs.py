@@ -219,7 +219,7 @@ def test_padding_same_string_keyword_args_and_unbatched_input(k, padding, ops):
 
 
 def test_new_module_follows_the_train_eval_mode():
-    model, x = Conv2dStaticSame(3, 4, 3), torch.randn(1, 3, 32, 32)
+    model = Conv2dStaticSame(3, 4, 3)
     gm = fx.symbolic_trace(model.train())
     modularize_functional_convs(gm)
     assert modules_of(gm, nn.Conv2d)[0].training

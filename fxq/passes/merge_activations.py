@@ -13,7 +13,6 @@ needed elsewhere and fusing would change it.
 from __future__ import annotations
 
 import math
-import operator
 from typing import Optional
 
 import torch
