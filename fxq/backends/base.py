@@ -119,7 +119,7 @@ class Backend:
 
     def unsupported_reason(self, gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
         """None when this backend can run ``node`` in int8, else why not."""
-        target = _pattern_key(gm, node)
+        target = pattern_key(gm, node)
         if target is None or target not in self.supported_targets:
             return f"backend {self.name!r} has no int8 kernel for {_describe(target, node)}"
         check = self.arg_checks.get(target)
@@ -134,7 +134,8 @@ def _flatten_pattern(pattern):
         yield pattern
 
 
-def _pattern_key(gm: fx.GraphModule, node: fx.Node):
+def pattern_key(gm: fx.GraphModule, node: fx.Node):
+    """What BackendConfig patterns match ``node`` by: its module's type, function, or method name."""
     if node.op == "call_module":
         return type(gm.get_submodule(node.target))
     if node.op in ("call_function", "call_method"):

@@ -12,14 +12,14 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from fxq.backends.base import pattern_key
 from fxq.passes.base import PassResult, finish
 
 NAME = "run_shared_ops_in_int8"
 
 
 def _matches(gm: fx.GraphModule, node: fx.Node, targets: frozenset) -> bool:
-    key = type(gm.get_submodule(node.target)) if node.op == "call_module" else node.target
-    if key not in targets or not node.args or len(node.users) != 1:
+    if pattern_key(gm, node) not in targets or not node.args or len(node.users) != 1:
         return False
     dequantize, (quantize,) = node.args[0], node.users
     return (isinstance(dequantize, fx.Node) and dequantize.op == "call_method" and dequantize.target == "dequantize"
