@@ -13,9 +13,10 @@ import torch.nn as nn
 from fxq import pipeline, stages, trace
 from fxq.backends import get_backend
 from fxq.calibrate import as_args, calibrate, calibration_batches
+from fxq.dump import stage_dumper
 from fxq.errors import InvalidInputError, QuantizationFailure
 from fxq.passes.base import float_reason
-from fxq.report import FloatNode, QuantizationReport, count_quantized_ops, count_transitions
+from fxq.report import FloatNode, QuantizationReport, count_quantized_ops, count_transitions, serialized_bytes
 from fxq.tensors import all_finite, clone_inputs
 
 
@@ -23,13 +24,15 @@ class QuantizedModel(nn.Module):
     """The int8 model ``fxq.quantize`` returns: called exactly like the original model."""
 
     def __init__(self, model: nn.Module, signature: inspect.Signature, engine: Optional[str],
-                 report: QuantizationReport, bind_by_signature: bool):
+                 report: QuantizationReport, bind_by_signature: bool, float_graphs: Optional[dict] = None):
         super().__init__()
         self.model = model
         self.signature = signature
         self.engine = engine
         self.report = report
         self.bind_by_signature = bind_by_signature
+        #: unit path -> the float GraphModule that was quantized (after fxq's passes); fxq.compare reads it
+        self.float_graphs = float_graphs or {}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.bind_by_signature and kwargs:
@@ -42,12 +45,13 @@ class QuantizedModel(nn.Module):
 
 
 def quantize(model: nn.Module, example_inputs: Any, calibration_data: Optional[Iterable] = None,
-             backend: Any = "x86") -> QuantizedModel:
+             backend: Any = "x86", dump_dir: Optional[str] = None) -> QuantizedModel:
     """Quantize ``model`` to int8 (static post-training quantization).
 
     ``example_inputs`` is a tuple of positional arguments (a single tensor is accepted);
     ``calibration_data`` an iterable of batches, each a tuple of positional arguments or a
-    tensor. The model itself is never modified.
+    tensor. The model itself is never modified. With ``dump_dir``, every stage (traced, each
+    pass, prepared, converted) is drawn there as DOT + offline HTML, linked from index.html.
 
     Example::
 
@@ -58,6 +62,7 @@ def quantize(model: nn.Module, example_inputs: Any, calibration_data: Optional[I
     backend = get_backend(backend)
     example_inputs = _check_inputs(model, example_inputs)
     timings: dict[str, float] = {}
+    dump = stage_dumper(dump_dir)
     working = copy.deepcopy(model).eval()  # the user's model is never touched
     with _timed(timings, "trace"):
         plan = trace.plan_units(working, example_inputs)
@@ -66,7 +71,8 @@ def quantize(model: nn.Module, example_inputs: Any, calibration_data: Optional[I
     pass_records = {}
     with _timed(timings, "passes"):
         for unit in plan.units:
-            unit.graph_module, pass_records[unit.path] = pipeline.run_passes(unit.graph_module, unit.example_inputs, backend)
+            unit.graph_module, pass_records[unit.path] = pipeline.run_passes(
+                unit.graph_module, unit.example_inputs, backend, on_stage=dump.pass_observer(unit.path))
     notes: list[str] = []
     with stages.quantized_engine(backend.engine):
         with _timed(timings, "fallback"):
@@ -78,13 +84,18 @@ def quantize(model: nn.Module, example_inputs: Any, calibration_data: Optional[I
             root = _install(working, prepared)
         with _timed(timings, "calibrate"):
             calibrate(root, calibration_batches(calibration_data, example_inputs))
+        dump.prepared(prepared, plan.units)
         with _timed(timings, "convert"):
             converted = {path: stages.convert_unit(p, backend) for path, p in prepared.items()}
             root = _install(working, converted)
         _check_output(root, example_inputs)
+        dump.converted(converted, plan.units)
+    dump.finish()
     report = _build_report(backend.name, plan, converted, pass_records, timings, notes)
+    report.fp32_bytes, report.int8_bytes = serialized_bytes(model), serialized_bytes(root)
     return QuantizedModel(root, inspect.signature(model.forward), backend.engine, report,
-                          bind_by_signature="" in converted)
+                          bind_by_signature="" in converted,
+                          float_graphs={unit.path: unit.graph_module for unit in plan.units})
 
 
 def _check_inputs(model: Any, example_inputs: Any) -> tuple:

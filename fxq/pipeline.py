@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -54,13 +54,17 @@ def passes_for(backend: Backend) -> list[Pass]:
     return passes
 
 
-def run_passes(gm: fx.GraphModule, example_inputs: tuple, backend: Backend) -> tuple[fx.GraphModule, list[PassRecord]]:
+def run_passes(gm: fx.GraphModule, example_inputs: tuple, backend: Backend,
+               on_stage: Optional[Callable] = None) -> tuple[fx.GraphModule, list[PassRecord]]:
     """Run every pass; after each one that changed the graph, check the float output still matches.
 
     The shape propagation that refreshes ``tensor_meta`` for the next pass is also the run
-    whose output is compared, so each modifying pass costs one forward.
+    whose output is compared, so each modifying pass costs one forward. ``on_stage(name, gm,
+    record)``, if given, sees the traced graph (record None) and the graph after every pass.
     """
     reference = _propagate(gm, example_inputs)
+    on_stage = on_stage or (lambda *_: None)
+    on_stage("traced", gm, None)
     records: list[PassRecord] = []
     for name, run in passes_for(backend):
         start = time.perf_counter()
@@ -69,6 +73,7 @@ def run_passes(gm: fx.GraphModule, example_inputs: tuple, backend: Backend) -> t
         gm = result.graph_module
         if result.modified:
             _check_float_equivalence(reference, _propagate(gm, example_inputs), records)
+        on_stage(name, gm, records[-1])
     return gm, records
 
 

@@ -1,6 +1,7 @@
 """What happened during ``fxq.quantize``: passes, float regions and why, transitions, timing."""
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -42,6 +43,9 @@ class QuantizationReport:
     quantized_ops: int = 0
     stage_seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: size of the serialized state_dict (torch.save) of the float model and of the int8 model
+    fp32_bytes: int = 0
+    int8_bytes: int = 0
 
     @property
     def transitions(self) -> int:
@@ -52,6 +56,9 @@ class QuantizationReport:
         lines = [f"fxq quantization report (backend {self.backend})"]
         lines.append(f"  int8 ops: {self.quantized_ops}   float ops: {len(self.float_nodes)}   "
                      f"Q/DQ transitions: {self.quantize_ops} quantize + {self.dequantize_ops} dequantize")
+        if self.fp32_bytes and self.int8_bytes:
+            lines.append(f"  model size: fp32 {_megabytes(self.fp32_bytes)} -> int8 {_megabytes(self.int8_bytes)} "
+                         f"({self.fp32_bytes / self.int8_bytes:.2f}x smaller)")
         lines.append("  stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.stage_seconds.items()))
         for unit, records in self.passes.items():
             prefix = f"[{unit}] " if unit else ""
@@ -70,6 +77,17 @@ class QuantizationReport:
             lines.extend(f"    {n.unit + ':' if n.unit else ''}{n.node} ({n.target}): {n.reason}" for n in self.float_nodes)
         lines.extend(f"  note: {note}" for note in self.notes)
         return "\n".join(lines)
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.2f} MB" if size >= 1e5 else f"{size / 1e3:.1f} kB"
+
+
+def serialized_bytes(module: nn.Module) -> int:
+    """Bytes ``torch.save(module.state_dict())`` writes: weights (packed int8 included) and buffers."""
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    return buffer.tell()
 
 
 def count_transitions(gm: fx.GraphModule) -> tuple[int, int]:
