@@ -13,6 +13,7 @@ import torch.nn as nn
 import fxq
 from fxq import viz
 from fxq.backends import get_backend
+from fxq.dump import float_reasons
 from fxq.pipeline import passes_for
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -21,18 +22,24 @@ needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium 
                                     "(apt-get install chromium; .ci/run installs it where apt works)")
 
 
+class Gate(nn.Module):
+    def forward(self, x):
+        return x * 2 if x.mean() > 0 else x  # data-dependent: fx cannot trace it, it stays float
+
+
 class IslandNet(nn.Module):
-    """conv -> bn -> relu (folded and fused), a wide mean (kept float), a linear head."""
+    """conv -> bn -> relu (folded and fused), an untraceable gate (kept float), a linear head."""
 
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3)
         self.bn = nn.BatchNorm2d(8)
         self.relu = nn.ReLU()
+        self.gate = Gate()
         self.head = nn.Linear(8, 4)
 
     def forward(self, x):
-        return self.head(self.relu(self.bn(self.conv(x))).mean((2, 3)))
+        return self.head(self.gate(self.relu(self.bn(self.conv(x)))).amax((2, 3)))
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +60,7 @@ def _stage_file(directory, stage, suffix=".html"):
 
 
 def _converted_graph(qmodel):
-    return viz.to_networkx(qmodel.model)
+    return viz.to_networkx(qmodel.model, reasons=float_reasons(qmodel.float_graphs[""]))
 
 
 def test_every_stage_is_dumped_and_indexed(dumped):
@@ -95,13 +102,13 @@ def test_networkx_graph_marks_kinds_and_reasons(dumped):
     kinds = [kind for _, kind in graph.nodes(data="kind")]
     assert kinds.count("quantize") >= 1 and kinds.count("dequantize") >= 1
     islands = [data for _, data in graph.nodes(data=True) if data["kind"] == "float_island"]
-    assert len(islands) == 1 and "averages" in islands[0]["reason"]
+    assert any("gate" in island["name"] and "could not be traced" in island["reason"] for island in islands)
     assert graph.nodes["conv"]["kind"] == "quantized"
     assert list(graph.successors("x")) == ["quantize_per_tensor"]
 
 
 def test_builtin_layout_draws_every_node_once(tmp_path):
-    gm = torch.fx.symbolic_trace(IslandNet().eval())
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten()))
     paths = viz.dump_graph(gm, tmp_path / "traced", title="traced", renderer="builtin")
     page = paths["html"].read_text()
     assert len(re.findall(r'<g id="node-[^"]+" class="node fxq-', page)) == len(gm.graph.nodes)
