@@ -14,10 +14,14 @@ from fxq.calibrate import FxqWarning
 from fxq.errors import (BackendError, CalibrationError, FxqError, InvalidInputError, QuantizationFailure,
                         RewriteError, TraceFailure)
 from fxq.report import QuantizationReport, report
+from fxq.compare import Comparison, compare
+from fxq.serialize import export_torchscript, load, save
+from fxq.viz import dump_graph, to_networkx
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Comparison", "compare", "dump_graph", "export_torchscript", "load", "save", "to_networkx",
     "Backend", "BackendError", "CalibrationError", "FxqError", "FxqWarning", "InvalidInputError",
     "QuantSpec", "QuantizationFailure", "QuantizationReport", "QuantizedModel", "RewriteError",
     "TraceFailure", "get_backend", "list_backends", "quantize", "register_backend", "report",
