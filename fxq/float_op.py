@@ -12,7 +12,7 @@ import torch.nn as nn
 
 
 class FloatOp(nn.Module):
-    """Runs ``target`` (a callable, or a method name called on the first argument) in float."""
+    """Runs ``target`` (a callable, a module, or a method name called on the first argument) in float."""
 
     def __init__(self, target: Union[Callable, str], reason: str):
         super().__init__()
@@ -25,5 +25,7 @@ class FloatOp(nn.Module):
         return self.target(*args, **kwargs)
 
     def extra_repr(self) -> str:
+        if isinstance(self.target, nn.Module):
+            return self.reason  # the wrapped module prints itself as the child
         name = self.target if isinstance(self.target, str) else getattr(self.target, "__name__", repr(self.target))
         return f"{name}: {self.reason}"

@@ -23,6 +23,8 @@ from fxq.passes.lower_batchnorm import lower_batchnorm
 from fxq.passes.merge_activations import merge_activations
 from fxq.passes.modularize_functional_convs import modularize_functional_convs
 from fxq.passes.place_float_islands import place_float_islands
+from fxq.passes.requantize_wide_averages import requantize_wide_averages
+from fxq.passes.split_to_narrow import split_to_narrow
 from fxq.report import PassRecord
 from fxq.tensors import clone_inputs, relative_error
 
@@ -39,15 +41,20 @@ def passes_for(backend: Backend) -> list[Pass]:
         ("functionalize_inplace", functionalize_inplace),
         # Pattern tables name torch.add, not x.add: spell methods the way backends match them.
         ("canonicalize_methods", canonicalize_methods),
+        # Tuple-returning splits have no int8 pattern; their pieces as narrow views do.
+        ("split_to_narrow", split_to_narrow),
         # torch's int8 PReLU is wrong (saturates the positive branch); most backends lack it.
         *([] if backend.native_prelu else [("decompose_prelu", decompose_prelu)]),
         # Before BN folding, so an F.conv2d followed by BatchNorm folds like an nn.Conv2d.
         ("modularize_functional_convs", modularize_functional_convs),
         ("fold_batchnorm", fold_batchnorm),
-        # Only the BatchNorms that could not fold are left; they become per-channel affines.
-        ("lower_batchnorm", lower_batchnorm),
+        # Only BatchNorms that could not fold are left; those the backend has no kernel for
+        # become per-channel affines (its own int8 BN measured more accurate where it exists).
+        ("lower_batchnorm", functools.partial(lower_batchnorm, native=backend.supported_targets)),
         # After folding: conv -> bn -> relu6 is conv -> relu6 by now.
         ("merge_activations", functools.partial(merge_activations, absorb_clamps=backend.absorbs_clamps)),
+        # Wide averages get their own output scale; before islands, which read the float marks.
+        ("requantize_wide_averages", functools.partial(requantize_wide_averages, backend=backend)),
         # Last: decides float regions on the final graph, with the backend's op table.
         ("place_float_islands", functools.partial(place_float_islands, backend=backend)),
     ]

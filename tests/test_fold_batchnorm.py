@@ -317,3 +317,14 @@ def test_fold_then_lower_idempotent():
         assert not run(pass_fn, gm, x).modified
     gm.graph.lint()
     assert_close_to_eager(gm, model, x)
+
+
+def test_batchnorm_the_backend_runs_natively_is_left_alone():
+    model, x = with_realistic_stats(BnFirstThenAfterAdd(), (2, 3, 4, 4)), torch.randn(2, 3, 4, 4)
+    gm = traced(model, x)
+    before = op_sequence(gm)
+    assert not lower_batchnorm(gm, native=frozenset({nn.BatchNorm2d})).modified
+    assert op_sequence(gm) == before
+    flat = with_realistic_stats(nn.Sequential(nn.BatchNorm1d(6)), (8, 6))
+    gm = traced(flat, torch.randn(8, 6))
+    assert lower_batchnorm(gm, native=frozenset({nn.BatchNorm2d})).modified  # no BN1d kernel: lowered

@@ -84,9 +84,8 @@ def _is_float(node: fx.Node, floats: dict[fx.Node, str]) -> bool:
     return node in floats or node.op in ("placeholder", "get_attr", "output") or not carries_float_tensor(node)
 
 
-def _transitions(node: fx.Node, floats: dict[fx.Node, str], as_float: bool) -> int:
-    neighbours = _tensor_inputs(node) + [u for u in node.users if u.op == "output" or carries_float_tensor(u)]
-    return sum(1 for other in neighbours if _is_float(other, floats) != as_float)
+def _neighbours(node: fx.Node) -> list[fx.Node]:
+    return _tensor_inputs(node) + [u for u in node.users if u.op == "output" or carries_float_tensor(u)]
 
 
 def _macs_per_output_element(gm: fx.GraphModule, node: fx.Node) -> float:
@@ -100,17 +99,44 @@ def _macs_per_output_element(gm: fx.GraphModule, node: fx.Node) -> float:
     return 0.0
 
 
+def _cheap_groups(gm: fx.GraphModule, values: list[fx.Node], floats: dict[fx.Node, str]) -> list[list[fx.Node]]:
+    """Connected runs of quantizable nodes that do little work per element."""
+    cheap = {n for n in values if n not in floats and _macs_per_output_element(gm, n) < MIN_WORTHWHILE_MACS_PER_ELEMENT}
+    groups, seen = [], set()
+    for start in values:
+        if start not in cheap or start in seen:
+            continue
+        group, stack = [], [start]
+        seen.add(start)
+        while stack:
+            node = stack.pop()
+            group.append(node)
+            for other in _neighbours(node):
+                if other in cheap and other not in seen:
+                    seen.add(other)
+                    stack.append(other)
+        groups.append(group)
+    return groups
+
+
+def _boundary_transitions(group: list[fx.Node], floats: dict[fx.Node, str], as_float: bool) -> int:
+    members = set(group)
+    return sum(1 for node in group for other in _neighbours(node)
+               if other not in members and _is_float(other, floats) != as_float)
+
+
 def _grow(gm: fx.GraphModule, values: list[fx.Node], floats: dict[fx.Node, str]) -> None:
+    """Flip whole runs of cheap ops to float where that removes transitions, until stable.
+
+    Runs, not single nodes: reshape -> flatten between two float ops is a tie for either
+    node alone, but costs a quantize and a dequantize as a pair.
+    """
     changed = True
     while changed:
         changed = False
-        for node in values:
-            if node in floats:
-                continue
-            if _macs_per_output_element(gm, node) >= MIN_WORTHWHILE_MACS_PER_ELEMENT:
-                continue
-            if _transitions(node, floats, as_float=True) < _transitions(node, floats, as_float=False):
-                floats[node] = GROWN_REASON
+        for group in _cheap_groups(gm, values, floats):
+            if _boundary_transitions(group, floats, as_float=True) < _boundary_transitions(group, floats, as_float=False):
+                floats.update({node: GROWN_REASON for node in group})
                 changed = True
 
 
@@ -124,8 +150,16 @@ def decide_float_nodes(gm: fx.GraphModule, backend: Backend) -> dict[fx.Node, st
     return floats
 
 
-def _wrap_call(gm: fx.GraphModule, node: fx.Node, reason: str) -> None:
-    name = add_submodule_unique(gm, f"float_ops.{node.name}", FloatOp(node.target, reason))
+def _runs_on_int8_regardless(module: nn.Module) -> bool:
+    # torch's convert lets parameterless ops (pools, flatten, activations) run on whatever
+    # dtype arrives, even under a None qconfig; only an opaque FloatOp keeps them float.
+    return (not isinstance(module, FloatOp) and next(module.parameters(), None) is None
+            and next(module.buffers(), None) is None)
+
+
+def _wrap_call(gm: fx.GraphModule, node: fx.Node, reason: str, target=None) -> None:
+    target = node.target if target is None else target
+    name = add_submodule_unique(gm, f"float_ops.{node.name}", FloatOp(target, reason))
     with gm.graph.inserting_before(node):
         wrapped = gm.graph.call_module(name, node.args, node.kwargs)
     wrapped.meta = dict(node.meta)
@@ -146,7 +180,10 @@ def place_float_islands(gm: fx.GraphModule, backend: Backend) -> PassResult:
     floats = decide_float_nodes(gm, backend)
     changes = []
     for node, reason in floats.items():
-        if node.op == "call_module":
+        if node.op == "call_module" and _runs_on_int8_regardless(get_module(gm, node)):
+            changes.append(f"{node.target}: {reason}")
+            _wrap_call(gm, node, float_reason(node) or reason, get_module(gm, node))
+        elif node.op == "call_module":
             if float_reason(node) is None:
                 fxq_meta(node)["float_reason"] = reason
                 changes.append(f"{node.target}: {reason}")

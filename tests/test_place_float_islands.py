@@ -1,0 +1,119 @@
+"""place_float_islands (which nodes run float, with few transitions) and run_shared_ops_in_int8."""
+import copy
+import warnings
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp
+
+import fxq
+from fxq import pipeline, quant, stages
+from fxq.calibrate import calibrate
+from fxq.float_op import FloatOp
+from fxq.passes.base import float_reason
+from fxq.passes.place_float_islands import GROWN_REASON, decide_float_nodes, place_float_islands
+from fxq.passes.run_shared_ops_in_int8 import run_shared_ops_in_int8
+
+X86 = fxq.get_backend("x86")
+
+
+class Sandwich(nn.Module):
+    """silu (no x86 kernel) around a cheap reshape, and around a conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.SiLU()
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv3 = nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        x = F.silu(self.conv1(x))
+        x = x.reshape(x.shape[0], 8, -1).reshape(x.shape)  # cheap, between two float ops
+        x = self.act(x)
+        x = F.silu(self.conv2(x))  # conv2 sits between float ops but is heavy: stays int8
+        return self.conv3(x)
+
+
+def _traced(model, x):
+    gm = fx.symbolic_trace(copy.deepcopy(model))
+    ShapeProp(gm).propagate(x)
+    return gm
+
+
+def _float_nodes(gm):
+    return {n.name: float_reason(n) for n in gm.graph.nodes if float_reason(n) is not None}
+
+
+def test_islands_grow_over_cheap_ops_but_not_heavy_ones():
+    model, x = Sandwich().eval(), torch.randn(2, 3, 8, 8)
+    gm = _traced(model, x)
+    floats = {node.name: reason for node, reason in decide_float_nodes(gm, X86).items()}
+    assert floats["reshape"] == floats["reshape_1"] == GROWN_REASON
+    assert "no int8 kernel" in floats["silu"] and "no int8 kernel" in floats["act"]
+    assert not any(name.startswith("conv") for name in floats)
+    assert place_float_islands(gm, X86).modified
+    # Function calls and parameterless modules become opaque FloatOp leaves; convs are untouched.
+    wrapped = [type(m.target) for m in gm.modules() if isinstance(m, FloatOp)]
+    assert nn.SiLU in wrapped
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith("conv")] == [
+        "conv1", "conv2", "conv3"]
+    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+    gm.graph.lint()
+
+
+def test_idempotent_and_no_match():
+    model, x = Sandwich().eval(), torch.randn(1, 3, 8, 8)
+    gm = _traced(model, x)
+    place_float_islands(gm, X86)
+    ShapeProp(gm).propagate(x)
+    assert not place_float_islands(gm, X86).modified
+    plain = _traced(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval(), x)
+    assert not place_float_islands(plain, X86).modified
+
+
+def test_grown_island_saves_transitions_in_the_int8_model():
+    torch.manual_seed(0)
+    model, x = Sandwich().eval(), torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxq.FxqWarning)
+        report = fxq.report(fxq.quantize(model, x))
+    # int8 in -> conv1 -> [silu, reshapes, silu] float -> conv2 -> [silu] float -> conv3 -> out
+    assert (report.quantize_ops, report.dequantize_ops) == (3, 3)
+
+
+class ZeroPadded(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3)
+        self.conv2 = nn.Conv2d(8, 8, 3)
+
+    def forward(self, x):
+        return self.conv2(F.pad(torch.relu(self.conv1(x)), (0, 1, 0, 1)))  # asymmetric: no conv padding absorbs it
+
+
+def _converted_without_passthrough(model, x):
+    gm, _ = pipeline.run_passes(fx.symbolic_trace(copy.deepcopy(model)), (x,), X86)
+    with stages.quantized_engine(X86.engine):
+        prepared = stages.prepare_unit(gm, (x,), X86)
+        calibrate(prepared, [(x,)], progress=False)
+        return quant.convert(prepared, X86.backend_config)
+
+
+def _count(gm, target):
+    return sum(1 for n in gm.graph.nodes if n.target == target)
+
+
+def test_zero_pad_runs_on_int8_exactly():
+    torch.manual_seed(0)
+    model, x = ZeroPadded().eval(), torch.randn(2, 3, 10, 10)
+    converted = _converted_without_passthrough(model, x)
+    assert _count(converted, "dequantize") == 2  # torch leaves dequantize -> pad -> quantize
+    with stages.quantized_engine(X86.engine), torch.no_grad():
+        expected = converted(x)
+        result = run_shared_ops_in_int8(copy.deepcopy(converted), X86.int8_passthrough_ops)
+        assert result.modified and _count(result.graph_module, "dequantize") == 1
+        assert torch.equal(result.graph_module(x), expected)  # same qparams: bit-exact
+        assert not run_shared_ops_in_int8(result.graph_module, X86.int8_passthrough_ops).modified
