@@ -2,8 +2,10 @@
 
 Example::
 
-    fxq quantize torchvision.models:mobilenet_v2 --image-size 224 --batches 16
-    python -m fxq quantize            # resnet18, random init, random calibration data
+    fxq quantize torchvision.models:mobilenet_v2 --calib images/ --out mnv2.pt --dump dump/
+    fxq report mnv2.pt                 # the quantization report of a saved model
+    fxq compare torchvision.models:mobilenet_v2 --qmodel mnv2.pt   # SQNR per layer
+    python -m fxq quantize             # resnet18, random init, random calibration data
 """
 from __future__ import annotations
 
@@ -70,7 +72,28 @@ def median_latency(model: nn.Module, inputs: tuple, runs: int) -> float:
     return statistics.median(samples)
 
 
-def _quantize_command(args: argparse.Namespace) -> int:
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def image_batches(directory: str, size: int, batch_size: int, limit: int) -> list[torch.Tensor]:
+    """Up to ``limit`` batches of the PNG/JPEG images in ``directory``, resized and normalized."""
+    from PIL import Image  # a torchvision dependency
+    from torchvision.transforms.functional import normalize, pil_to_tensor, resize
+    files = sorted(p for p in Path(directory).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FxqError(f"--calib {directory}: no .png/.jpg images found there")
+    images = []
+    for path in files[:limit * batch_size]:
+        with Image.open(path) as opened:
+            image = pil_to_tensor(opened.convert("RGB"))
+        image = resize(image.float() / 255.0, [size, size], antialias=True)
+        images.append(normalize(image, IMAGENET_MEAN, IMAGENET_STD))
+    return [torch.stack(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+
+
+def _float_model_and_data(args: argparse.Namespace):
+    """The model (BatchNorm statistics made realistic), an example input and calibration batches."""
     torch.manual_seed(args.seed)
     model = load_factory(args.model)()
     size = args.image_size
@@ -79,20 +102,57 @@ def _quantize_command(args: argparse.Namespace) -> int:
         return torch.randn(batch, 3, size, size)
 
     recalibrate_batchnorm(model, make_batch)
-    example = (make_batch(1),)
-    calibration = [make_batch() for _ in range(args.batches)]
-    qmodel = fxq.quantize(model, example, calibration_data=calibration, backend=args.backend)
+    if args.calib == "random":
+        calibration = [make_batch() for _ in range(args.batches)]
+    else:
+        calibration = image_batches(args.calib, size, args.batch_size, args.batches)
+    return model, (calibration[0][:1],), calibration
+
+
+def _quantize_command(args: argparse.Namespace) -> int:
+    model, example, calibration = _float_model_and_data(args)
+    qmodel = fxq.quantize(model, example, calibration_data=calibration, backend=args.backend, dump_dir=args.dump)
     print(fxq.report(qmodel))
-    fresh = make_batch(4)
+    fresh = torch.randn(4, *example[0].shape[1:])
     with torch.no_grad():
-        print(f"\noutput SQNR int8 vs fp32 on fresh inputs: {sqnr_db(model(fresh), qmodel(fresh)):.1f} dB")
+        sqnr = sqnr_db(model(fresh), qmodel(fresh))
     fp32 = median_latency(model, example, args.runs)
     int8 = median_latency(qmodel, example, args.runs)
-    print(f"latency at batch 1, median of {args.runs}: fp32 {fp32 * 1e3:.2f} ms, int8 {int8 * 1e3:.2f} ms "
-          f"({fp32 / int8:.2f}x), {torch.get_num_threads()} threads")
+    report = fxq.report(qmodel)
+    rows = [("output SQNR (fresh inputs)", f"{sqnr:.1f} dB"),
+            (f"latency batch 1 ({torch.get_num_threads()} threads)",
+             f"fp32 {fp32 * 1e3:.2f} ms  int8 {int8 * 1e3:.2f} ms  ({fp32 / int8:.2f}x)"),
+            ("size", f"fp32 {report.fp32_bytes / 1e6:.2f} MB  int8 {report.int8_bytes / 1e6:.2f} MB"),
+            ("int8 ops / float ops", f"{report.quantized_ops} / {len(report.float_nodes)}"),
+            ("Q/DQ transitions", f"{report.transitions}")]
+    if args.dump:
+        rows.append(("graph dump", str(Path(args.dump) / "index.html")))
     if args.out:
-        torch.save(qmodel, args.out)
-        print(f"saved to {args.out}")
+        rows.append(("saved", str(fxq.save(qmodel, args.out))))
+    print("\n" + _table(rows))
+    return 0
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(key) for key, _ in rows)
+    return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
+
+
+def _report_command(args: argparse.Namespace) -> int:
+    print(fxq.report(fxq.load(args.path)))
+    return 0
+
+
+def _compare_command(args: argparse.Namespace) -> int:
+    model, example, calibration = _float_model_and_data(args)
+    if args.qmodel:
+        qmodel = fxq.load(args.qmodel)
+    else:
+        qmodel = fxq.quantize(model, example, calibration_data=calibration, backend=args.backend)
+    result = fxq.compare(model, qmodel, calibration[0])
+    print(result)
+    worst = ", ".join(f"{row['node']} ({row['layer_sqnr']:.1f} dB)" for row in result.worst(args.worst))
+    print(f"lowest layer SQNR: {worst}")
     return 0
 
 
@@ -100,17 +160,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fxq", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command")
     quantize = commands.add_parser("quantize", help="quantize a model and print the report")
-    quantize.add_argument("model", nargs="?", default=DEFAULT_MODEL,
-                          help=f"module:factory or file.py:factory (default {DEFAULT_MODEL})")
-    quantize.add_argument("--backend", default="x86")
-    quantize.add_argument("--image-size", type=int, default=224)
-    quantize.add_argument("--batches", type=int, default=8, help="random calibration batches")
-    quantize.add_argument("--batch-size", type=int, default=4)
+    _model_arguments(quantize)
     quantize.add_argument("--runs", type=int, default=20, help="latency runs (median)")
-    quantize.add_argument("--seed", type=int, default=0)
-    quantize.add_argument("--out", help="save the quantized model here (torch.save)")
+    quantize.add_argument("--out", help="save the quantized model here (fxq.save; read it with fxq.load)")
+    quantize.add_argument("--dump", metavar="DIR", help="draw every stage into DIR (open DIR/index.html)")
     quantize.set_defaults(handler=_quantize_command)
+    report = commands.add_parser("report", help="print the quantization report of a saved model")
+    report.add_argument("path", help="a file written by fxq quantize --out / fxq.save")
+    report.set_defaults(handler=_report_command)
+    compare = commands.add_parser("compare", help="SQNR per layer, int8 vs float, in graph order")
+    _model_arguments(compare)
+    compare.add_argument("--qmodel", help="compare this saved model (same model and --seed) instead of quantizing")
+    compare.add_argument("--worst", type=int, default=3, help="how many of the worst layers to name")
+    compare.set_defaults(handler=_compare_command)
     return parser
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                        help=f"module:factory or file.py:factory (default {DEFAULT_MODEL})")
+    parser.add_argument("--backend", default="x86")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--calib", default="random", metavar="random|DIR",
+                        help="calibration data: random normal batches, or a directory of .png/.jpg images")
+    parser.add_argument("--batches", type=int, default=8, help="calibration batches")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the model's random init and the data")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

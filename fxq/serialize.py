@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from fxq import stages
+from fxq import quant, stages
 from fxq.calibrate import as_args
 from fxq.errors import FxqError, InvalidInputError
 from fxq.tensors import clone_inputs
@@ -132,7 +132,8 @@ def load(path: Any) -> nn.Module:
         print(fxq.report(qmodel))
     """
     try:
-        payload = torch.load(Path(path), weights_only=False)
+        with quant.quiet():  # torch.ao's deprecation chatter while quantized tensors are rebuilt
+            payload = torch.load(Path(path), weights_only=False)
     except FileNotFoundError:
         raise InvalidInputError(f"fxq.load: no such file: {path}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
