@@ -172,7 +172,7 @@ def _has_float_weight(module: nn.Module) -> bool:
 def _fxq_report(qmodel: nn.Module) -> dict:
     report = fxq.report(qmodel)
     # Grouped by reason with the numbers masked, so "averages 16 values" and "averages 256 values" count together.
-    reasons = collections.Counter(re.sub(r"\d+", "#", n.reason)[:REASON_CHARS] for n in report.float_nodes)
+    reasons = collections.Counter(re.sub(r"(?<![A-Za-z0-9])\d+", "#", n.reason)[:REASON_CHARS] for n in report.float_nodes)
     return {"report_quantize_ops": report.quantize_ops, "report_dequantize_ops": report.dequantize_ops,
             "float_nodes": len(report.float_nodes), "float_node_reasons": dict(reasons.most_common(12)),
             "float_parts": dict(report.float_parts), "notes": list(report.notes)[:8],

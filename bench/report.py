@@ -102,9 +102,9 @@ def _missed(record: dict) -> list[str]:
         return [f"fxq failed at {stage(record, 'fxq')}: {fxq.get('error') or record.get('reason', '')}"]
     missed = []
     if plain.get("sqnr_db") is not None and (fxq.get("sqnr_db") if fxq.get("sqnr_db") is not None else -1e9) < plain["sqnr_db"]:
-        missed.append(f"SQNR {_num(fxq.get('sqnr_db'))} dB < plain FX {_num(plain['sqnr_db'])} dB")
+        missed.append(f"SQNR {_num(fxq.get('sqnr_db'), 2)} dB < plain FX {_num(plain['sqnr_db'], 2)} dB")
     if record["kind"] == "cnn" and fxq.get("speedup", 0) < MIN_CNN_SPEEDUP:
-        missed.append(f"{_num(fxq.get('speedup'), 2)}x fp32 < {MIN_CNN_SPEEDUP}x")
+        missed.append(f"{_num(fxq.get('speedup'), 3)}x fp32 < {MIN_CNN_SPEEDUP}x")
     if plain.get("latency_ms") and fxq.get("latency_ms", 0) > MAX_SLOWDOWN_VS_PLAIN * plain["latency_ms"]:
         missed.append(f"{_num(fxq['latency_ms'], 2)} ms vs plain FX {_num(plain['latency_ms'], 2)} ms")
     return missed

@@ -78,7 +78,7 @@ def test_report_lists_failures_and_target_misses(tmp_path):
 
     markdown = (tmp_path / "benchmarks.md").read_text()
     misses = markdown.split("### Target misses")[1].split("## Per model")[0]
-    assert "`worse`: SQNR 15.0 dB < plain FX 20.0 dB; 1.10x fp32 < 1.3x; 9.00 ms vs plain FX 5.00 ms" in misses
+    assert "`worse`: SQNR 15.00 dB < plain FX 20.00 dB; 1.100x fp32 < 1.3x; 9.00 ms vs plain FX 5.00 ms" in misses
     assert "2x no int8 kernel for SiLU" in misses
     assert "`broken`: fxq failed at convert" in misses and "`slow`: fxq failed at timeout" in misses
     assert "`good`" not in misses and "`huge` (600M)" in markdown
