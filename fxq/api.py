@@ -17,6 +17,7 @@ from fxq.dump import stage_dumper
 from fxq.errors import InvalidInputError, QuantizationFailure
 from fxq.passes.base import float_reason
 from fxq.report import FloatNode, QuantizationReport, count_quantized_ops, count_transitions, serialized_bytes
+from fxq.shape_specialize import SHAPE_GUARD_PREFIX
 from fxq.tensors import all_finite, clone_inputs
 
 
@@ -41,7 +42,18 @@ class QuantizedModel(nn.Module):
             bound.apply_defaults()
             args, kwargs = bound.args, bound.kwargs
         with stages.quantized_engine(self.engine):
-            return self.model(*args, **kwargs)
+            try:
+                return self.model(*args, **kwargs)
+            except AssertionError as error:
+                if not _is_trace_guard(error):
+                    raise
+                raise InvalidInputError(f"this int8 model was traced for other arguments: {error}") from None
+
+
+def _is_trace_guard(error: AssertionError) -> bool:
+    """True for the run-time checks tracing left in the graph (bound arguments, specialized shapes)."""
+    message = str(error)
+    return message.startswith(SHAPE_GUARD_PREFIX) or "has been specialized to have value" in message
 
 
 def quantize(model: nn.Module, example_inputs: Any, calibration_data: Optional[Iterable] = None,
@@ -142,6 +154,8 @@ def _check_output(root: nn.Module, example_inputs: tuple) -> None:
 
 
 def _build_report(backend_name, plan, converted, pass_records, timings, notes) -> QuantizationReport:
+    notes = [f"{path}: traced for its example input shape, guarded at run time (it computes on x.shape: {error})"
+             for path, error in plan.specialized.items()] + notes
     report = QuantizationReport(backend=backend_name, passes=pass_records, float_parts=dict(plan.float_parts),
                                 stage_seconds=timings, notes=notes)
     for unit in plan.units:

@@ -14,6 +14,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from fxq.backends.base import Backend
 from fxq.errors import RewriteError
+from fxq.passes.align_depthwise_padding import align_depthwise_padding
 from fxq.passes.base import PassResult
 from fxq.passes.canonicalize_methods import canonicalize_methods
 from fxq.passes.decompose_prelu import decompose_prelu
@@ -53,6 +54,8 @@ def passes_for(backend: Backend) -> list[Pass]:
         ("lower_batchnorm", functools.partial(lower_batchnorm, native=backend.supported_targets)),
         # After folding: conv -> bn -> relu6 is conv -> relu6 by now.
         ("merge_activations", functools.partial(merge_activations, absorb_clamps=backend.absorbs_clamps)),
+        # After fusion, so conv + relu stay one op; the crop that follows commutes with the relu.
+        ("align_depthwise_padding", align_depthwise_padding),
         # Wide averages get their own output scale; before islands, which read the float marks.
         ("requantize_wide_averages", functools.partial(requantize_wide_averages, backend=backend)),
         # Last: decides float regions on the final graph, with the backend's op table.

@@ -3,8 +3,10 @@
 1. Non-tensor arguments (``forward(self, x, embed=False)``) are bound as concrete values, so
    Python control flow on them resolves at trace time; the quantized model checks callers
    pass the same values.
-2. When tracing fails inside a submodule, the innermost failing module becomes a leaf: it
-   stays float, with dequantize/quantize around it, and its error is reported. Repeat.
+2. When tracing fails inside a submodule, the innermost failing module is traced again with
+   concrete shapes (``fxq.shape_specialize``: TF-"same" padded convs compute on x.shape) and
+   inlined, guarded to its example shape. If that fails too, it becomes a leaf: it stays
+   float, with dequantize/quantize around it, and its error is reported. Repeat.
 3. When the root's own forward cannot be traced, each child is captured on its own
    (recursively) and the root stays eager around the quantized children.
 """
@@ -18,7 +20,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from fxq.errors import TraceFailure
 from fxq.passes.base import keep_float
+from fxq.shape_specialize import specialize_to_shapes
 
 MAX_LEAF_ATTEMPTS = 64
 
@@ -39,6 +43,8 @@ class CapturePlan:
     units: list[Unit]
     #: module path -> why it stays float (trace errors of leaves and of eager parents)
     float_parts: dict[str, str]
+    #: module path -> the trace error that made fxq trace it for its example shapes
+    specialized: dict[str, str] = field(default_factory=dict)
 
 
 class _LeafTracer(fx.Tracer):
@@ -85,9 +91,18 @@ def concrete_arguments(module: nn.Module, args: tuple, kwargs: Optional[dict] = 
     return concrete
 
 
-def trace_with_leaves(module: nn.Module, concrete: dict[str, Any]) -> tuple[Optional[fx.GraphModule], dict[str, str], Optional[str]]:
-    """Trace ``module``, turning failing submodules into leaves. Returns (gm, leaves, root_error)."""
+@dataclass
+class _Capture:
+    graph_module: Optional[fx.GraphModule]
+    leaves: dict[str, str]
+    specialized: dict[str, str]
+    root_error: Optional[str]
+
+
+def trace_with_leaves(module: nn.Module, concrete: dict[str, Any], example_inputs: tuple) -> _Capture:
+    """Trace ``module``; failing submodules are shape-specialized in place, or become leaves."""
     leaves: dict[str, str] = {}
+    specialized: dict[str, str] = {}
     for _ in range(MAX_LEAF_ATTEMPTS):
         tracer = _LeafTracer(set(leaves))
         try:
@@ -95,13 +110,31 @@ def trace_with_leaves(module: nn.Module, concrete: dict[str, Any]) -> tuple[Opti
         except Exception as error:
             failing = tracer.failing_module
             if not failing or failing in leaves:
-                return None, leaves, describe_error(error)
-            leaves[failing] = describe_error(error)
+                return _Capture(None, leaves, specialized, describe_error(error))
+            if failing in specialized or not _specialize_in_place(module, failing, example_inputs):
+                leaves[failing] = describe_error(error)
+            else:
+                specialized[failing] = describe_error(error)
             continue
         gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
         _mark_leaves(gm, leaves)
-        return gm, leaves, None
-    return None, leaves, f"more than {MAX_LEAF_ATTEMPTS} submodules failed to trace"
+        return _Capture(gm, leaves, specialized, None)
+    return _Capture(None, leaves, specialized, f"more than {MAX_LEAF_ATTEMPTS} submodules failed to trace")
+
+
+def _specialize_in_place(model: nn.Module, path: str, example_inputs: tuple) -> bool:
+    """Replace submodule ``path`` by its shape-specialized graph; False when that is not possible."""
+    submodule = model.get_submodule(path)
+    calls = _record_calls(model, {path: submodule}, example_inputs).get(path)
+    args = _consistent_args(calls, match_shapes=True) if calls else None
+    if args is None or calls[0][1] or not any(isinstance(a, torch.Tensor) for a in args):
+        return False
+    try:
+        specialized = specialize_to_shapes(submodule, args, path)
+    except TraceFailure:
+        return False
+    model.set_submodule(path, specialized)
+    return True
 
 
 def _mark_leaves(gm: fx.GraphModule, leaves: dict[str, str]) -> None:
@@ -114,51 +147,58 @@ def plan_units(model: nn.Module, example_inputs: tuple, path: str = "") -> Captu
     """Capture ``model`` as one unit, or as its traceable descendants when the root is not."""
     concrete = concrete_arguments(model, example_inputs)
     tensors = tuple(a for a in example_inputs if isinstance(a, torch.Tensor))
-    gm, leaves, root_error = trace_with_leaves(model, concrete)
-    float_parts = {_join(path, leaf): error for leaf, error in leaves.items()}
-    if gm is not None:
-        return CapturePlan([Unit(path, gm, tensors, concrete, leaves)], float_parts)
-    float_parts = {path or "<model>": f"forward kept eager: {root_error}"}
+    capture = trace_with_leaves(model, concrete, example_inputs)
+    float_parts = {_join(path, leaf): error for leaf, error in capture.leaves.items()}
+    specialized = {_join(path, name): error for name, error in capture.specialized.items()}
+    if capture.graph_module is not None:
+        unit = Unit(path, capture.graph_module, tensors, concrete, capture.leaves)
+        return CapturePlan([unit], float_parts, specialized)
+    float_parts = {path or "<model>": f"forward kept eager: {capture.root_error}"}
     units: list[Unit] = []
-    for name, (child, child_args) in _record_child_calls(model, example_inputs).items():
+    children = dict(model.named_children())
+    for name, recorded in _record_calls(model, children, example_inputs).items():
+        child_args = _consistent_args(recorded)
         if child_args is None:
             float_parts[_join(path, name)] = "called with changing non-tensor arguments or tensor keywords"
             continue
-        sub = plan_units(child, child_args, _join(path, name))
+        sub = plan_units(children[name], child_args, _join(path, name))
         units.extend(sub.units)
         float_parts.update(sub.float_parts)
-    return CapturePlan(units, float_parts)
+        specialized.update(sub.specialized)
+    return CapturePlan(units, float_parts, specialized)
 
 
 def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
-def _record_child_calls(model: nn.Module, example_inputs: tuple) -> dict[str, tuple[nn.Module, Optional[tuple]]]:
-    """The positional arguments each direct child was called with (None if unusable)."""
+def _record_calls(model: nn.Module, watched: dict[str, nn.Module], example_inputs: tuple) -> dict[str, list]:
+    """The (args, kwargs) each watched submodule is called with when ``model`` runs once."""
     calls: dict[str, list] = {}
     handles = []
-    for name, child in model.named_children():
+    for name, submodule in watched.items():
         def hook(_module, args, kwargs, name=name):
             calls.setdefault(name, []).append((args, kwargs))
-        handles.append(child.register_forward_pre_hook(hook, with_kwargs=True))
+        handles.append(submodule.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
             model(*example_inputs)
     finally:
         for handle in handles:
             handle.remove()
-    children = dict(model.named_children())
-    return {name: (children[name], _consistent_args(recorded)) for name, recorded in calls.items()}
+    return calls
 
 
-def _consistent_args(recorded: list) -> Optional[tuple]:
+def _consistent_args(recorded: list, match_shapes: bool = False) -> Optional[tuple]:
+    """The positional args of the first call when every call agrees on the non-tensor ones
+    (and, with ``match_shapes``, on tensor shapes); None otherwise."""
     first_args, first_kwargs = recorded[0]
     if any(isinstance(v, torch.Tensor) for v in first_kwargs.values()):
         return None
 
     def skeleton(args, kwargs):
-        return ([None if isinstance(a, torch.Tensor) else a for a in args], kwargs)
+        tensor = (lambda a: a.shape) if match_shapes else (lambda a: None)
+        return ([tensor(a) if isinstance(a, torch.Tensor) else a for a in args], kwargs)
 
     try:
         if any(skeleton(a, k) != skeleton(first_args, first_kwargs) for a, k in recorded[1:]):
