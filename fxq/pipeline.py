@@ -13,6 +13,7 @@ import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fxq.backends.base import Backend
+from fxq.backends.patterns import single_op_patterns
 from fxq.errors import RewriteError
 from fxq.passes.align_depthwise_padding import align_depthwise_padding
 from fxq.passes.base import PassResult
@@ -51,7 +52,7 @@ def passes_for(backend: Backend) -> list[Pass]:
         ("fold_batchnorm", fold_batchnorm),
         # Only BatchNorms that could not fold are left; those the backend has no kernel for
         # become per-channel affines (its own int8 BN measured more accurate where it exists).
-        ("lower_batchnorm", functools.partial(lower_batchnorm, native=backend.supported_targets)),
+        ("lower_batchnorm", functools.partial(lower_batchnorm, native=single_op_patterns(backend.backend_config))),
         # After folding: conv -> bn -> relu6 is conv -> relu6 by now.
         ("merge_activations", functools.partial(merge_activations, absorb_clamps=backend.absorbs_clamps)),
         # After fusion, so conv + relu stay one op; the crop that follows commutes with the relu.

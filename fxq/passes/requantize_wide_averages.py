@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxq.backends.base import Backend, pattern_key
+from fxq.backends.patterns import single_op_patterns
 from fxq.passes.base import PassResult, float_reason, keep_float, tensor_shape
 from fxq.quant import ObservationType
 
@@ -42,7 +43,7 @@ def requantize_wide_averages(gm: fx.GraphModule, backend: Backend) -> PassResult
         result = requantize_wide_averages(gm, fxq.get_backend("x86"))
         # adaptive_avg_pool2d(x, 1) on a 7x7 map now carries a float_reason
     """
-    shared = _shared_qparams_targets(backend)
+    shared = single_op_patterns(backend.backend_config, ObservationType.OUTPUT_SHARE_OBSERVER_WITH_INPUT)
     changes = []
     for node in gm.graph.nodes:
         target = pattern_key(gm, node)
@@ -55,13 +56,6 @@ def requantize_wide_averages(gm: fx.GraphModule, backend: Backend) -> PassResult
             keep_float(node, reason)
             changes.append(f"{node.name}: {reason}")
     return PassResult(gm, bool(changes), changes)  # meta only: the graph itself is unchanged
-
-
-def _shared_qparams_targets(backend: Backend) -> set:
-    share = ObservationType.OUTPUT_SHARE_OBSERVER_WITH_INPUT
-    return {config.pattern for config in backend.backend_config.configs
-            if config.pattern is not None and not isinstance(config.pattern, tuple)
-            and config.observation_type == share}
 
 
 def _values_per_output(node: fx.Node) -> float:
