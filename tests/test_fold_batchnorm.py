@@ -328,3 +328,11 @@ def test_batchnorm_the_backend_runs_natively_is_left_alone():
     flat = with_realistic_stats(nn.Sequential(nn.BatchNorm1d(6)), (8, 6))
     gm = traced(flat, torch.randn(8, 6))
     assert lower_batchnorm(gm, native=frozenset({nn.BatchNorm2d})).modified  # no BN1d kernel: lowered
+
+
+def test_x86_runs_batchnorm2d_alone_but_batchnorm1d_only_fused():
+    from fxq import get_backend
+    from fxq.backends.patterns import single_op_patterns
+
+    alone = single_op_patterns(get_backend("x86").backend_config)
+    assert {nn.BatchNorm2d, nn.BatchNorm3d} <= alone and nn.BatchNorm1d not in alone
