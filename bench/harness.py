@@ -102,9 +102,19 @@ def prepare_model(spec: ModelSpec, image_size: int, batch: int, batches: int = 8
     """The eval-mode model with BatchNorm statistics re-estimated on random data."""
     torch.manual_seed(seed)
     model = spec.build()
+    _randomize_zero_weights(model)
     recalibration = iter(random_batches(spec, batches, batch, image_size, seed + 1))
     recalibrate_batchnorm(model, lambda: next(recalibration)[0], batches=batches)
     return model.eval()
+
+
+def _randomize_zero_weights(model: nn.Module) -> None:
+    # torchvision's ViTs zero-initialise the classifier head: every output would be 0, SQNR
+    # infinite and top-1 agreement trivially 1.
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)) and not module.weight.any():
+                nn.init.normal_(module.weight, std=module.weight[0].numel() ** -0.5)
 
 
 class PlainFxError(RuntimeError):
