@@ -28,8 +28,9 @@ class Averages(nn.Module):
         self.small_pool = nn.AvgPool2d(2)
 
     def forward(self, x):
-        y = torch.relu(self.conv(x))
-        return self.global_pool(y).flatten(1), self.small_pool(y), y.mean((2, 3)), F.adaptive_avg_pool2d(y, 4)
+        y = self.conv(x)  # each average gets a tensor of its own: sole consumers
+        return (self.global_pool(torch.relu(y)).flatten(1), self.small_pool(torch.sigmoid(y)),
+                torch.tanh(y).mean((2, 3)), F.adaptive_avg_pool2d(torch.abs(y), 4))
 
 
 def _traced(model, x):
@@ -61,6 +62,21 @@ def test_graph_and_float_numerics_unchanged_and_idempotent():
     assert not requantize_wide_averages(gm, X86).modified
     for got, expected in zip(gm(x), model(x)):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_squeeze_excite_pool_stays_int8():
+    class SqueezeExcite(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.fc = nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y * torch.sigmoid(self.fc(F.adaptive_avg_pool2d(y, 1)))
+
+    gm = _traced(SqueezeExcite().eval(), torch.randn(1, 3, 16, 16))
+    assert not requantize_wide_averages(gm, X86).modified
 
 
 def test_no_match_without_averages():
@@ -96,7 +112,8 @@ def test_wide_pool_runs_float_and_beats_int8_pooling(monkeypatch):
     assert (report.quantize_ops, report.dequantize_ops) == (2, 2)
     every_pass = pipeline.passes_for
     monkeypatch.setattr(pipeline, "passes_for",
-                        lambda backend: [p for p in every_pass(backend) if p[0] != "requantize_wide_averages"])
+                        lambda *args, **kwargs: [p for p in every_pass(*args, **kwargs)
+                                                 if p[0] != "requantize_wide_averages"])
     int8_pooled = _quantize(model, calibration)
     with torch.no_grad():
         reference = model(x)
