@@ -24,6 +24,7 @@ from fxq.passes.functionalize_inplace import functionalize_inplace
 from fxq.passes.lower_batchnorm import lower_batchnorm
 from fxq.passes.merge_activations import merge_activations
 from fxq.passes.modularize_functional_convs import modularize_functional_convs
+from fxq.passes.pad_depthwise_channels import pad_depthwise_channels
 from fxq.passes.place_float_islands import place_float_islands
 from fxq.passes.requantize_wide_averages import requantize_wide_averages
 from fxq.passes.split_to_narrow import split_to_narrow
@@ -57,6 +58,8 @@ def passes_for(backend: Backend) -> list[Pass]:
         ("merge_activations", functools.partial(merge_activations, absorb_clamps=backend.absorbs_clamps)),
         # After fusion, so conv + relu stay one op; the crop that follows commutes with the relu.
         ("align_depthwise_padding", align_depthwise_padding),
+        # fbgemm's fast depthwise kernel also needs a multiple of 8 channels.
+        ("pad_depthwise_channels", pad_depthwise_channels),
         # Wide averages get their own output scale; before islands, which read the float marks.
         ("requantize_wide_averages", functools.partial(requantize_wide_averages, backend=backend)),
         # Last: decides float regions on the final graph, with the backend's op table.
