@@ -15,6 +15,8 @@ from fxq.errors import (BackendError, CalibrationError, FxqError, InvalidInputEr
                         RewriteError, TraceFailure)
 from fxq.report import QuantizationReport, report
 from fxq.compare import Comparison, compare
+from fxq.fallback import FallbackRecord, Target
+from fxq.sensitivity import Sensitivity, sensitivity
 from fxq.serialize import export_torchscript, load, save
 from fxq.viz import dump_graph, to_networkx
 
@@ -22,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Comparison", "compare", "dump_graph", "export_torchscript", "load", "save", "to_networkx",
+    "FallbackRecord", "Sensitivity", "Target", "sensitivity",
     "Backend", "BackendError", "CalibrationError", "FxqError", "FxqWarning", "InvalidInputError",
     "QuantSpec", "QuantizationFailure", "QuantizationReport", "QuantizedModel", "RewriteError",
     "TraceFailure", "get_backend", "list_backends", "quantize", "register_backend", "report",

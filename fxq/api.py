@@ -15,7 +15,9 @@ from fxq.backends import get_backend
 from fxq.calibrate import as_args, calibrate, calibration_batches
 from fxq.dump import stage_dumper
 from fxq.errors import InvalidInputError, QuantizationFailure
+from fxq.fallback import Target, as_target, meet_target
 from fxq.passes.base import float_reason
+from fxq.requantize import split_calibration
 from fxq.report import FloatNode, QuantizationReport, count_quantized_ops, count_transitions, serialized_bytes
 from fxq.shape_specialize import SHAPE_GUARD_PREFIX
 from fxq.tensors import all_finite, clone_inputs
@@ -57,22 +59,29 @@ def _is_trace_guard(error: AssertionError) -> bool:
 
 
 def quantize(model: nn.Module, example_inputs: Any, calibration_data: Optional[Iterable] = None,
-             backend: Any = "x86", dump_dir: Optional[str] = None) -> QuantizedModel:
+             backend: Any = "x86", dump_dir: Optional[str] = None,
+             target_sqnr: Optional[float] = None, target: Optional[Target] = None) -> QuantizedModel:
     """Quantize ``model`` to int8 (static post-training quantization).
 
     ``example_inputs`` is a tuple of positional arguments (a single tensor is accepted);
     ``calibration_data`` an iterable of batches, each a tuple of positional arguments or a
     tensor. The model itself is never modified. With ``dump_dir``, every stage (traced, each
     pass, prepared, converted) is drawn there as DOT + offline HTML, linked from index.html.
+    With ``target_sqnr`` (dB) or ``target=fxq.Target(...)``, the most damaging layers are kept
+    float until the output SQNR on held-out calibration batches meets it (see docs/inspect.md).
 
     Example::
 
         model = torchvision.models.resnet18().eval()
         qmodel = fxq.quantize(model, torch.randn(1, 3, 224, 224), calibration_data=batches)
         print(fxq.report(qmodel))
+        qmodel = fxq.quantize(model, example_inputs, batches, target_sqnr=30)   # fewest float layers
     """
     backend = get_backend(backend)
-    example_inputs = _check_inputs(model, example_inputs)
+    example_inputs, target = _check_inputs(model, example_inputs), as_target(target_sqnr, target)
+    # a target needs replayable calibration data and held-out batches to measure on
+    batches, held_out = (split_calibration(calibration_data, example_inputs) if target is not None
+                         else (calibration_data, None))
     timings: dict[str, float] = {}
     dump = stage_dumper(dump_dir)
     working = copy.deepcopy(model).eval()  # the user's model is never touched
@@ -95,7 +104,7 @@ def quantize(model: nn.Module, example_inputs: Any, calibration_data: Optional[I
             prepared = {u.path: stages.prepare_unit(u.graph_module, u.example_inputs, backend) for u in plan.units}
             root = _install(working, prepared)
         with _timed(timings, "calibrate"):
-            calibrate(root, calibration_batches(calibration_data, example_inputs))
+            calibrate(root, calibration_batches(batches, example_inputs))
         dump.prepared(prepared, plan.units)
         with _timed(timings, "convert"):
             converted = {path: stages.convert_unit(p, backend) for path, p in prepared.items()}
@@ -105,9 +114,12 @@ def quantize(model: nn.Module, example_inputs: Any, calibration_data: Optional[I
     dump.finish()
     report = _build_report(backend.name, plan, converted, pass_records, timings, notes)
     report.fp32_bytes, report.int8_bytes = serialized_bytes(model), serialized_bytes(root)
-    return QuantizedModel(root, inspect.signature(model.forward), backend.engine, report,
-                          bind_by_signature="" in converted,
-                          float_graphs={unit.path: unit.graph_module for unit in plan.units})
+    qmodel = QuantizedModel(root, inspect.signature(model.forward), backend.engine, report,
+                            bind_by_signature="" in converted,
+                            float_graphs={unit.path: unit.graph_module for unit in plan.units})
+    if target is not None:  # keep the most damaging layers float until the target is met
+        meet_target(target, model, qmodel, example_inputs, batches, held_out, backend)
+    return qmodel
 
 
 def _check_inputs(model: Any, example_inputs: Any) -> tuple:

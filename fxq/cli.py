@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -23,6 +21,7 @@ import torch.nn as nn
 
 import fxq
 from fxq.errors import FxqError
+from fxq.fallback import median_latency
 from fxq.tensors import sqnr_db
 
 DEFAULT_MODEL = "torchvision.models:resnet18"
@@ -59,17 +58,6 @@ def recalibrate_batchnorm(model: nn.Module, make_batch: Callable[[], torch.Tenso
         for _ in range(batches):
             model(make_batch())
     model.eval()
-
-
-def median_latency(model: nn.Module, inputs: tuple, runs: int) -> float:
-    with torch.no_grad():
-        model(*inputs)
-        samples = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            model(*inputs)
-            samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -111,7 +99,8 @@ def _float_model_and_data(args: argparse.Namespace):
 
 def _quantize_command(args: argparse.Namespace) -> int:
     model, example, calibration = _float_model_and_data(args)
-    qmodel = fxq.quantize(model, example, calibration_data=calibration, backend=args.backend, dump_dir=args.dump)
+    qmodel = fxq.quantize(model, example, calibration_data=calibration, backend=args.backend, dump_dir=args.dump,
+                          target_sqnr=args.target_sqnr)
     print(fxq.report(qmodel))
     fresh = torch.randn(4, *example[0].shape[1:])
     with torch.no_grad():
@@ -125,6 +114,11 @@ def _quantize_command(args: argparse.Namespace) -> int:
             ("size", f"fp32 {report.fp32_bytes / 1e6:.2f} MB  int8 {report.int8_bytes / 1e6:.2f} MB"),
             ("int8 ops / float ops", f"{report.quantized_ops} / {len(report.float_nodes)}"),
             ("Q/DQ transitions", f"{report.transitions}")]
+    if report.fallback is not None:
+        fallback = report.fallback
+        rows.append(("target", f"{fallback.target}: {'met' if fallback.met else 'NOT met'}, "
+                               f"{len(fallback.kept_float)} layer(s) kept float, held-out SQNR "
+                               f"{fallback.sqnr_before:.1f} -> {fallback.sqnr_after:.1f} dB"))
     if args.dump:
         rows.append(("graph dump", str(Path(args.dump) / "index.html")))
     if args.out:
@@ -164,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--runs", type=int, default=20, help="latency runs (median)")
     quantize.add_argument("--out", help="save the quantized model here (fxq.save; read it with fxq.load)")
     quantize.add_argument("--dump", metavar="DIR", help="draw every stage into DIR (open DIR/index.html)")
+    quantize.add_argument("--target-sqnr", type=float, metavar="DB",
+                          help="keep the most damaging layers float until the held-out output SQNR reaches DB")
     quantize.set_defaults(handler=_quantize_command)
     report = commands.add_parser("report", help="print the quantization report of a saved model")
     report.add_argument("path", help="a file written by fxq quantize --out / fxq.save")

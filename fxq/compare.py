@@ -60,6 +60,13 @@ def compare(float_model: nn.Module, qmodel: nn.Module, inputs: Any) -> Compariso
         print(result)                 # table: node, op, int8/float, SQNR, layer SQNR
         result.worst(3)               # the three layers that lose the most on their own
     """
+    return compare_layers(float_model, qmodel, inputs)
+
+
+def compare_layers(float_model: nn.Module, qmodel: nn.Module, inputs: Any,
+                   layer_outputs: Optional[dict] = None) -> Comparison:
+    """:func:`compare`; with ``layer_outputs``, also fills it: (unit, float node name) -> (the
+    unit's float call (args, kwargs), the node's layer-alone int8 output, dequantized)."""
     float_graphs: Optional[dict] = getattr(qmodel, "float_graphs", None)
     if not float_graphs:
         raise InvalidInputError(f"{type(qmodel).__name__} was not produced by fxq.quantize (no float graphs "
@@ -73,9 +80,12 @@ def compare(float_model: nn.Module, qmodel: nn.Module, inputs: Any) -> Compariso
             if path not in int8_inputs or (path and path not in float_inputs):
                 continue  # this unit did not run on these inputs
             converted = qmodel.model if path == "" else qmodel.model.get_submodule(path)
-            float_values = _run(float_gm, int8_inputs[""] if path == "" else float_inputs[path])
-            int8_values = _run(converted, int8_inputs[path])
-            result.rows.extend(_rows(path, float_gm, converted, float_values, int8_values))
+            float_call = int8_inputs[""] if path == "" else float_inputs[path]
+            float_values, int8_values = _run(float_gm, float_call), _run(converted, int8_inputs[path])
+            locals_ = {} if layer_outputs is not None else None
+            result.rows.extend(_rows(path, float_gm, converted, float_values, int8_values, locals_))
+            for name, local in (locals_ or {}).items():
+                layer_outputs[(path, name)] = (float_call, local)
         result.output_sqnr = sqnr_db(float_model(*clone_inputs(inputs)), qmodel(*clone_inputs(inputs)))
     return result
 
@@ -106,30 +116,52 @@ class _Recorder(fx.Interpreter):
         super().__init__(gm, garbage_collect_values=False)
 
 
-def _run(gm: fx.GraphModule, call: tuple) -> dict[str, Any]:
-    """Every node's value (by name) when ``gm`` runs on the recorded (args, kwargs)."""
+def positional_args(gm: fx.GraphModule, call: tuple) -> tuple:
+    """A recorded (args, kwargs) call of a traced module as the positional arguments of ``gm``."""
     args, kwargs = call
     placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-    positional = list(args) + [kwargs[name] for name in placeholders[len(args):] if name in kwargs]
+    return tuple(list(args) + [kwargs[name] for name in placeholders[len(args):] if name in kwargs])
+
+
+def _run(gm: fx.GraphModule, call: tuple) -> dict[str, Any]:
+    """Every node's value (by name) when ``gm`` runs on the recorded (args, kwargs)."""
     recorder = _Recorder(gm)
     with torch.no_grad():
-        recorder.run(*clone_inputs(tuple(positional)))
+        recorder.run(*clone_inputs(positional_args(gm, call)))
     return {node.name: value for node, value in recorder.env.items()}
 
 
-def _float_twin(float_gm: fx.GraphModule, converted: fx.GraphModule, node: fx.Node,
-                float_nodes: dict, float_modules: dict, converted_keys: set) -> Optional[fx.Node]:
+def _float_twin(converted: fx.GraphModule, node: fx.Node, float_nodes: dict, float_modules: dict,
+                converted_keys: set, twins: dict) -> Optional[fx.Node]:
     """The float node whose output ``node`` (of the converted graph) computes."""
     twin = float_modules.get(str(node.target)) if node.op == "call_module" else float_nodes.get(node.name)
+    if twin is None and node.op == "call_function":
+        twin = _common_user(converted, node, twins)
     while twin is not None and len(twin.users) == 1:  # extend over float nodes fused into this one
         (user,) = twin.users
         if user.op in ("output", "placeholder") or user.name in converted_keys or str(user.target) in converted_keys:
             break
+        if _value_inputs(user) > _value_inputs(node):
+            break  # the user also reads other values (a residual add): not fused into this node
         twin = user
     return twin
 
 
-def _rows(path: str, float_gm, converted, float_values: dict, int8_values: dict) -> list[dict[str, Any]]:
+def _common_user(converted: fx.GraphModule, node: fx.Node, twins: dict) -> Optional[fx.Node]:
+    """For a call convert renamed (add + relu -> ``add_relu``): the one float node all its inputs feed."""
+    sources = [_source_twin(converted, arg, twins) for arg in node.all_input_nodes if arg.op != "get_attr"]
+    if not sources or None in sources:
+        return None
+    common = set(sources[0].users).intersection(*(source.users for source in sources[1:]))
+    return common.pop() if len(common) == 1 else None
+
+
+def _value_inputs(node: fx.Node) -> int:
+    return sum(1 for arg in node.all_input_nodes if arg.op != "get_attr")
+
+
+def _rows(path: str, float_gm, converted, float_values: dict, int8_values: dict,
+          layer_outputs: Optional[dict] = None) -> list[dict[str, Any]]:
     float_nodes = {n.name: n for n in float_gm.graph.nodes}
     float_modules = {str(n.target): n for n in float_gm.graph.nodes if n.op == "call_module"}
     converted_keys = {n.name for n in converted.graph.nodes} | {
@@ -142,7 +174,7 @@ def _rows(path: str, float_gm, converted, float_values: dict, int8_values: dict)
         kind = viz.node_kind(converted, node)
         if kind in SKIPPED_KINDS:
             continue
-        twin = _float_twin(float_gm, converted, node, float_nodes, float_modules, converted_keys)
+        twin = _float_twin(converted, node, float_nodes, float_modules, converted_keys, twins)
         if twin is None:
             continue
         twins[node.name] = twin
@@ -150,6 +182,8 @@ def _rows(path: str, float_gm, converted, float_values: dict, int8_values: dict)
         if not _comparable(reference, actual):
             continue
         local = _layer_output(converted, node, int8_values, float_values, twins)
+        if layer_outputs is not None and local is not None:
+            layer_outputs[twin.name] = local
         rows.append({
             "unit": path, "node": str(node.target) if node.op == "call_module" else node.name,
             "op": viz.describe_target(converted, node), "runs": "int8" if kind == "quantized" else "float",
@@ -165,9 +199,9 @@ def _comparable(reference: list, actual: list) -> bool:
         r.shape == a.shape for r, a in zip(reference, actual))
 
 
-def _source_twin(node: fx.Node, twins: dict) -> Optional[fx.Node]:
+def _source_twin(converted: fx.GraphModule, node: fx.Node, twins: dict) -> Optional[fx.Node]:
     """The float node feeding a converted input, looking through quantize/dequantize."""
-    while node.name not in twins and node.op in ("call_function", "call_method") and node.args \
+    while node.name not in twins and viz.node_kind(converted, node) in ("quantize", "dequantize") \
             and isinstance(node.args[0], fx.Node):
         node = node.args[0]
     return twins.get(node.name)
@@ -177,7 +211,7 @@ def _layer_output(converted, node: fx.Node, int8_values: dict, float_values: dic
     """``node``'s op alone, fed the float model's values, quantized as the int8 model's inputs were."""
     def substitute(arg: fx.Node) -> Any:
         actual = int8_values.get(arg.name)
-        source = _source_twin(arg, twins)
+        source = _source_twin(converted, arg, twins)
         value = float_values.get(source.name) if source is not None else None
         if not isinstance(actual, torch.Tensor) or not isinstance(value, torch.Tensor) or value.shape != actual.shape:
             return actual

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.fx as fx
@@ -46,6 +46,8 @@ class QuantizationReport:
     #: size of the serialized state_dict (torch.save) of the float model and of the int8 model
     fp32_bytes: int = 0
     int8_bytes: int = 0
+    #: what ``fxq.quantize(..., target_sqnr=...)`` kept float to meet its target (fxq.fallback.FallbackRecord)
+    fallback: Optional[Any] = None
 
     @property
     def transitions(self) -> int:
@@ -76,6 +78,8 @@ class QuantizationReport:
             lines.append("  nodes kept float:")
             lines.extend(f"    {n.unit + ':' if n.unit else ''}{n.node} ({n.target}): {n.reason}" for n in self.float_nodes)
         lines.extend(f"  note: {note}" for note in self.notes)
+        if self.fallback is not None:
+            lines.append(str(self.fallback))
         return "\n".join(lines)
 
 

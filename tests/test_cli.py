@@ -78,3 +78,10 @@ def test_errors_exit_with_code_2_and_a_message(tmp_path):
     done = run_fxq("quantize", *SMALL, "--calib", tmp_path)
     assert done.returncode == 2 and "no .png/.jpg images" in done.stderr
     assert run_fxq("frobnicate").returncode == 2  # argparse: unknown command
+
+
+def test_quantize_with_a_target_sqnr_reports_the_fallback():
+    done = run_fxq("quantize", *SMALL, "--runs", "1", "--target-sqnr", "3")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "target output SQNR >= 3 dB" in done.stdout and "layers kept float for the target" in done.stdout
+    assert "--target-sqnr" in run_fxq("quantize", "--help").stdout
