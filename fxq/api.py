@@ -10,7 +10,7 @@ from typing import Any, Iterable, Optional
 import torch
 import torch.nn as nn
 
-from fxq import pipeline, stages, trace
+from fxq import modes, pipeline, stages, trace
 from fxq.backends import get_backend
 from fxq.calibrate import as_args, calibrate, calibration_batches
 from fxq.dump import stage_dumper
@@ -59,9 +59,9 @@ def _is_trace_guard(error: AssertionError) -> bool:
 
 
 def quantize(model: nn.Module, example_inputs: Any, calibration_data: Optional[Iterable] = None,
-             backend: Any = "x86", dump_dir: Optional[str] = None,
+             backend: Any = "x86", dump_dir: Optional[str] = None, mode: str = modes.DEFAULT_MODE,
              target_sqnr: Optional[float] = None, target: Optional[Target] = None) -> QuantizedModel:
-    """Quantize ``model`` to int8 (static post-training quantization).
+    """Quantize ``model`` to int8 (post-training quantization).
 
     ``example_inputs`` is a tuple of positional arguments (a single tensor is accepted);
     ``calibration_data`` an iterable of batches, each a tuple of positional arguments or a
@@ -69,6 +69,8 @@ def quantize(model: nn.Module, example_inputs: Any, calibration_data: Optional[I
     pass, prepared, converted) is drawn there as DOT + offline HTML, linked from index.html.
     With ``target_sqnr`` (dB) or ``target=fxq.Target(...)``, the most damaging layers are kept
     float until the output SQNR on held-out calibration batches meets it (see docs/inspect.md).
+    ``mode``: "static" (every int8 range calibrated), "dynamic" (Linear and recurrent layers
+    only, activation ranges measured at run time) or "auto" (per layer; see docs/modes.md).
 
     Example::
 
@@ -76,12 +78,15 @@ def quantize(model: nn.Module, example_inputs: Any, calibration_data: Optional[I
         qmodel = fxq.quantize(model, torch.randn(1, 3, 224, 224), calibration_data=batches)
         print(fxq.report(qmodel))
         qmodel = fxq.quantize(model, example_inputs, batches, target_sqnr=30)   # fewest float layers
+        seq_model = fxq.quantize(lipreader, clip, calibration_data=clips, mode="auto")  # dynamic GRU
     """
-    backend = get_backend(backend)
+    backend, mode = get_backend(backend), modes.check_mode(mode)
     example_inputs, target = _check_inputs(model, example_inputs), as_target(target_sqnr, target)
     # a target needs replayable calibration data and held-out batches to measure on
     batches, held_out = (split_calibration(calibration_data, example_inputs) if target is not None
                          else (calibration_data, None))
+    if mode == "dynamic" and batches is None:
+        batches = [example_inputs]  # nothing static to calibrate: no "calibrating on example_inputs" warning
     timings: dict[str, float] = {}
     dump = stage_dumper(dump_dir)
     working = copy.deepcopy(model).eval()  # the user's model is never touched
@@ -93,7 +98,7 @@ def quantize(model: nn.Module, example_inputs: Any, calibration_data: Optional[I
     with _timed(timings, "passes"):
         for unit in plan.units:
             unit.graph_module, pass_records[unit.path] = pipeline.run_passes(
-                unit.graph_module, unit.example_inputs, backend, on_stage=dump.pass_observer(unit.path))
+                unit.graph_module, unit.example_inputs, backend, on_stage=dump.pass_observer(unit.path), mode=mode)
     notes: list[str] = []
     with stages.quantized_engine(backend.engine):
         with _timed(timings, "fallback"):

@@ -4,6 +4,7 @@ Order matters, and each line says why it stands where it does.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import time
 from typing import Callable, Optional
@@ -19,6 +20,8 @@ from fxq.passes.align_depthwise_padding import align_depthwise_padding
 from fxq.passes.base import PassResult
 from fxq.passes.canonicalize_methods import canonicalize_methods
 from fxq.passes.decompose_prelu import decompose_prelu
+from fxq.passes.decompose_silu import backend_needs_it as silu_needs_decomposing
+from fxq.passes.decompose_silu import decompose_silu
 from fxq.passes.fold_batchnorm import fold_batchnorm
 from fxq.passes.functionalize_inplace import functionalize_inplace
 from fxq.passes.lower_batchnorm import lower_batchnorm
@@ -35,6 +38,8 @@ Pass = tuple[str, Callable[[fx.GraphModule], PassResult]]
 
 #: Relative L2 error a float rewrite may introduce (BN folding reassociates a few products).
 REWRITE_TOLERANCE = 1e-4
+#: A rewrite may move the output this many times as far as float32 rounding alone does.
+ROUNDING_MARGIN = 100
 
 
 def passes_for(backend: Backend) -> list[Pass]:
@@ -48,6 +53,8 @@ def passes_for(backend: Backend) -> list[Pass]:
         ("split_to_narrow", split_to_narrow),
         # torch's int8 PReLU is wrong (saturates the positive branch); most backends lack it.
         *([] if backend.native_prelu else [("decompose_prelu", decompose_prelu)]),
+        # No SiLU kernel, but sigmoid and mul: two int8 ops instead of a float island each.
+        *([("decompose_silu", decompose_silu)] if silu_needs_decomposing(backend) else []),
         # Before BN folding, so an F.conv2d followed by BatchNorm folds like an nn.Conv2d.
         ("modularize_functional_convs", modularize_functional_convs),
         ("fold_batchnorm", fold_batchnorm),
@@ -77,6 +84,8 @@ def run_passes(gm: fx.GraphModule, example_inputs: tuple, backend: Backend,
     record)``, if given, sees the traced graph (record None) and the graph after every pass.
     """
     reference = _propagate(gm, example_inputs)
+    original = copy.deepcopy(gm)  # to measure its float32 rounding noise, only if a check needs it
+    rounding_noise = functools.cache(lambda: _rounding_noise(original, reference, example_inputs))
     on_stage = on_stage or (lambda *_: None)
     on_stage("traced", gm, None)
     records: list[PassRecord] = []
@@ -86,7 +95,7 @@ def run_passes(gm: fx.GraphModule, example_inputs: tuple, backend: Backend,
         records.append(PassRecord(name, result.modified, result.changes, time.perf_counter() - start))
         gm = result.graph_module
         if result.modified:
-            _check_float_equivalence(reference, _propagate(gm, example_inputs), records)
+            _check_float_equivalence(reference, _propagate(gm, example_inputs), records, rounding_noise)
         on_stage(name, gm, records[-1])
     return gm, records
 
@@ -96,11 +105,31 @@ def _propagate(gm: fx.GraphModule, example_inputs: tuple):
         return ShapeProp(gm).propagate(*clone_inputs(example_inputs))
 
 
-def _check_float_equivalence(reference, rewritten, records: list[PassRecord]) -> None:
+def _rounding_noise(original: fx.GraphModule, reference, example_inputs: tuple) -> float:
+    """How far float32 rounding alone moves this model's output: float32 vs float64 (inf if it
+    cannot run in float64)."""
+    inputs = tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                   for t in clone_inputs(example_inputs))
+    try:
+        with torch.no_grad():
+            return relative_error(copy.deepcopy(original).double()(*inputs), reference)
+    except Exception:
+        return float("inf")
+
+
+def _check_float_equivalence(reference, rewritten, records: list[PassRecord], rounding_noise: Callable[[], float]) -> None:
+    """Deep random-init nets amplify float32 rounding (resnet152: 9e-4 after BN folding), so the
+    bound is the larger of REWRITE_TOLERANCE and ROUNDING_MARGIN times the model's own rounding
+    noise (how far its float32 output is from its float64 output)."""
     error = relative_error(reference, rewritten)
-    if not error <= REWRITE_TOLERANCE:
-        before = ", ".join(r.name for r in records[:-1]) or "none"
-        raise RewriteError(
-            f"pass {records[-1].name!r} changed the float model's output (relative error {error:.2e} > "
-            f"{REWRITE_TOLERANCE:.0e}); passes before it: {before}. This is an fxq bug: please report it "
-            f"with the model. Changes made: {records[-1].changes[:5]}")
+    if error <= REWRITE_TOLERANCE:
+        return
+    noise = rounding_noise()
+    if error <= ROUNDING_MARGIN * noise:
+        return
+    before = ", ".join(r.name for r in records[:-1]) or "none"
+    raise RewriteError(
+        f"pass {records[-1].name!r} changed the float model's output (relative error {error:.2e} > "
+        f"{REWRITE_TOLERANCE:.0e} and > {ROUNDING_MARGIN} x the model's float32 rounding noise {noise:.1e}); "
+        f"passes before it: {before}. This is an fxq bug: please report it with the model. "
+        f"Changes made: {records[-1].changes[:5]}")

@@ -35,8 +35,11 @@ def quiet() -> Iterator[None]:
 with quiet():
     import torch.ao.nn.intrinsic as nni
     import torch.ao.nn.quantized as nnq
+    import torch.ao.nn.quantized.dynamic as nnqd
     import torch.ao.nn.quantized.reference as nnqr
     from torch.ao.quantization import QConfig, QConfigMapping
+    from torch.ao.quantization import default_dynamic_qconfig as _dynamic_qconfig
+    from torch.ao.quantization import per_channel_dynamic_qconfig as _per_channel_dynamic_qconfig
     from torch.ao.quantization import get_default_qconfig_mapping as _torch_default_mapping
     from torch.ao.quantization.backend_config import (
         BackendConfig,
@@ -62,8 +65,8 @@ __all__ = [
     "BackendConfig", "BackendPatternConfig", "DTypeConfig", "ObservationType",
     "HistogramObserver", "MinMaxObserver", "MovingAverageMinMaxObserver", "ObserverBase",
     "PerChannelMinMaxObserver", "PlaceholderObserver", "QConfig", "QConfigMapping",
-    "get_qnnpack_backend_config", "get_x86_backend_config", "nni", "nnq", "nnqr",
-    "prepare", "convert", "default_mapping", "register_lowering", "quiet",
+    "get_qnnpack_backend_config", "get_x86_backend_config", "nni", "nnq", "nnqd", "nnqr",
+    "prepare", "convert", "default_mapping", "register_lowering", "quiet", "dynamic_qconfig",
 ]
 
 
@@ -92,6 +95,11 @@ def default_mapping(qconfig: QConfig, transpose_qconfig: QConfig, torch_backend:
     return mapping
 
 
+def dynamic_qconfig(per_channel: bool) -> QConfig:
+    """torch's dynamic qconfig: int8 weights, activation range measured on each batch at run time."""
+    return _per_channel_dynamic_qconfig if per_channel else _dynamic_qconfig
+
+
 def _is_fixed_qparams(qconfig: QConfig) -> bool:
     with quiet():
         observer = qconfig.activation()
@@ -113,6 +121,12 @@ def prepare(gm: torch.fx.GraphModule, mapping: QConfigMapping, example_inputs: t
 def convert(prepared: torch.fx.GraphModule, backend_config: BackendConfig) -> torch.fx.GraphModule:
     with quiet():
         return convert_fx(prepared, backend_config=backend_config)
+
+
+def lowered_by_pattern() -> frozenset:
+    """Module types torch's lowering turns into int8 kernels wherever it sees ``dequantize ->
+    module -> quantize``, whatever the module's qconfig (a float LayerNorm between int8 ops)."""
+    return frozenset(_lowering.SPECIAL_PATTERN_LOWER_MODULE_MAP)
 
 
 def register_lowering(fused_class: type, reference_class: type, quantized_class: type) -> None:

@@ -21,6 +21,7 @@ from fxq.backends.base import Backend
 from fxq.calibrate import calibrate
 from fxq.errors import QuantizationFailure
 from fxq.float_op import FloatOp
+from fxq.modes import dynamic_qconfig, dynamic_reason
 from fxq.passes.base import float_reason, keep_float
 from fxq.passes.place_float_islands import place_float_islands
 from fxq.passes.run_shared_ops_in_int8 import run_shared_ops_in_int8
@@ -49,7 +50,8 @@ def _is_torch_module(module: nn.Module) -> bool:
 
 def prepare_unit(gm: fx.GraphModule, example_inputs: tuple, backend: Backend,
                  activation_observer: Optional[str] = None) -> fx.GraphModule:
-    """prepare_fx on a copy of ``gm``: float nodes get a None qconfig, leaves stay opaque."""
+    """prepare_fx on a copy of ``gm``: float nodes get a None qconfig, leaves stay opaque,
+    dynamic layers (``fxq.modes``) torch's dynamic qconfig."""
     gm = copy.deepcopy(gm)  # convert mutates fused modules in place; keep the float graph reusable
     mapping = backend.qconfig_mapping(activation_observer)
     leaves = []
@@ -57,6 +59,9 @@ def prepare_unit(gm: fx.GraphModule, example_inputs: tuple, backend: Backend,
         if node.op != "call_module":
             continue
         module = gm.get_submodule(node.target)
+        if dynamic_reason(node) is not None:  # float at the graph level, int8 weights inside
+            mapping.set_module_name(node.target, dynamic_qconfig(module))
+            continue
         if float_reason(node) is not None:
             mapping.set_module_name(node.target, None)
         if float_reason(node) is not None or not _is_torch_module(module):

@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from fxq import quant
 from fxq.backends.base import Backend
 from fxq.float_op import FloatOp
 from fxq.passes.base import PassResult, add_submodule_unique, finish, float_reason, fxq_meta, get_module
@@ -28,6 +29,7 @@ NAME = "place_float_islands"
 GROWN_REASON = "kept float with its float neighbours: quantizing it alone would add more Q/DQ transitions than it saves"
 HEAVY_FUNCTIONS = {torch.matmul, torch.bmm, torch.nn.functional.linear, torch.nn.functional.conv1d,
                    torch.nn.functional.conv2d, torch.nn.functional.conv3d, operator.matmul}
+INTEGER_REASON = "operates on an integer tensor: nothing to quantize"
 #: Multiply-accumulates per output element from which an op is worth two transitions.
 MIN_WORTHWHILE_MACS_PER_ELEMENT = 16
 
@@ -152,9 +154,12 @@ def decide_float_nodes(gm: fx.GraphModule, backend: Backend) -> dict[fx.Node, st
 
 def _runs_on_int8_regardless(module: nn.Module) -> bool:
     # torch's convert lets parameterless ops (pools, flatten, activations) run on whatever
-    # dtype arrives, even under a None qconfig; only an opaque FloatOp keeps them float.
-    return (not isinstance(module, FloatOp) and next(module.parameters(), None) is None
-            and next(module.buffers(), None) is None)
+    # dtype arrives, even under a None qconfig, and its lowering swaps some modules (LayerNorm)
+    # for int8 kernels by pattern alone; only an opaque FloatOp keeps them float.
+    if isinstance(module, FloatOp):
+        return False
+    return type(module) in quant.lowered_by_pattern() or (
+        next(module.parameters(), None) is None and next(module.buffers(), None) is None)
 
 
 def _wrap_call(gm: fx.GraphModule, node: fx.Node, reason: str, target=None) -> None:
@@ -166,6 +171,15 @@ def _wrap_call(gm: fx.GraphModule, node: fx.Node, reason: str, target=None) -> N
     wrapped.meta["fxq"] = {**node.meta.get("fxq", {}), "float_reason": reason, "changed_by": NAME}
     node.replace_all_uses_with(wrapped)
     gm.graph.erase_node(node)
+
+
+def _integer_ops(gm: fx.GraphModule, backend: Backend) -> list[fx.Node]:
+    """Calls on integer tensors (``mask.unsqueeze(-1)``) that the backend's table matches by
+    target: torch would put an observer, then a quantize, on their int64 input."""
+    return [n for n in gm.graph.nodes
+            if n.op in ("call_function", "call_method") and n.target is not operator.getitem
+            and any(True for _ in _tensor_metas(n.meta.get("tensor_meta"))) and not carries_float_tensor(n)
+            and backend.unsupported_reason(gm, n) is None]
 
 
 def place_float_islands(gm: fx.GraphModule, backend: Backend) -> PassResult:
@@ -192,4 +206,7 @@ def place_float_islands(gm: fx.GraphModule, backend: Backend) -> PassResult:
         else:
             changes.append(f"{node.name}: {reason}")
             _wrap_call(gm, node, reason)
+    for node in _integer_ops(gm, backend):
+        changes.append(f"{node.name}: {INTEGER_REASON}")
+        _wrap_call(gm, node, INTEGER_REASON)
     return finish(gm, changes)
