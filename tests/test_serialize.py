@@ -9,7 +9,7 @@ from fxq.serialize import export_torchscript, load, save
 from seed_models import SEED_MODELS
 
 #: Seed models with parts fxq runs as plain Python: export must refuse them, naming the part.
-EAGER_PARTS = {"same_pad_dynamic_net": "features.", "hf_style_net": "gate", "hf_style_toplevel_net": "<model>"}
+EAGER_PARTS = {"hf_style_net": "gate", "hf_style_toplevel_net": "<model>"}
 
 
 @pytest.fixture(scope="module")
