@@ -5,17 +5,16 @@ statistics are re-estimated on standard-normal images, so activations have reali
 for calibration even though the model has learned nothing.
 """
 
-import copy
-import warnings
-from contextlib import contextmanager
+import sys
+from pathlib import Path
 
 import torch
 import torchvision
-from torch.ao.quantization import get_default_qconfig_mapping
-from torch.ao.quantization.fx.tracer import QuantizationTracer
-from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 from seed_models import Fixture, recalibrate_batchnorm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for bench/
+from bench.harness import PlainFxError, plain_fx_int8  # noqa: E402,F401  (the plain-FX baseline lives there)
 
 # Chosen to cover residual adds, depthwise convs, channel shuffle, hardswish/SE, SiLU and
 # stochastic depth, concatenating branches, grouped convs and LayerNorm. On one CPU thread each
@@ -65,41 +64,3 @@ def make_zoo_model(name: str, image_size: int = 64, batch_size: int = 2) -> Fixt
     model = recalibrate_batchnorm(model, recalibration)
     calibration = [_image_batch(batch_size, image_size) for _ in range(NUM_CALIBRATION_BATCHES)]
     return Fixture(model, _image_batch(batch_size, image_size), calibration)
-
-
-class PlainFxError(RuntimeError):
-    """Plain FX quantization failed; ``stage`` says which step, the cause is chained."""
-
-    def __init__(self, stage: str, cause: BaseException):
-        super().__init__(f"{stage}: {type(cause).__name__}: {cause}")
-        self.stage = stage
-
-
-@contextmanager
-def _stage(name: str):
-    try:
-        yield
-    except Exception as error:
-        raise PlainFxError(name, error) from error
-
-
-def plain_fx_int8(model, example_inputs, calibration_batches):
-    """Quantize a copy of ``model`` the way the torch.ao FX docs do, with no repairs.
-
-    Raises PlainFxError naming the stage that failed: trace, prepare, calibrate or convert.
-    """
-    model = copy.deepcopy(model).eval()
-    qconfig_mapping = get_default_qconfig_mapping("x86")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        # prepare_fx traces internally; tracing first, with the tracer it uses, tells a
-        # failure to capture the graph apart from a failure to insert observers.
-        with _stage("trace"):
-            QuantizationTracer([], []).trace(model)
-        with _stage("prepare"):
-            prepared = prepare_fx(model, qconfig_mapping, example_inputs)
-        with _stage("calibrate"), torch.no_grad():
-            for inputs in calibration_batches:
-                prepared(*inputs)
-        with _stage("convert"):
-            return convert_fx(prepared)
