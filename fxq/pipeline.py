@@ -19,6 +19,7 @@ from fxq.errors import RewriteError
 from fxq.passes.align_depthwise_padding import align_depthwise_padding
 from fxq.passes.base import PassResult
 from fxq.passes.canonicalize_methods import canonicalize_methods
+from fxq.passes.choose_dynamic_layers import choose_dynamic_layers
 from fxq.passes.decompose_prelu import decompose_prelu
 from fxq.passes.decompose_silu import backend_needs_it as silu_needs_decomposing
 from fxq.passes.decompose_silu import decompose_silu
@@ -29,6 +30,7 @@ from fxq.passes.merge_activations import merge_activations
 from fxq.passes.modularize_functional_convs import modularize_functional_convs
 from fxq.passes.pad_depthwise_channels import pad_depthwise_channels
 from fxq.passes.place_float_islands import place_float_islands
+from fxq.passes.protect_attention import protect_attention
 from fxq.passes.requantize_wide_averages import requantize_wide_averages
 from fxq.passes.split_to_narrow import split_to_narrow
 from fxq.report import PassRecord
@@ -42,8 +44,8 @@ REWRITE_TOLERANCE = 1e-4
 ROUNDING_MARGIN = 100
 
 
-def passes_for(backend: Backend) -> list[Pass]:
-    """The rewrites fxq runs for ``backend``, in order."""
+def passes_for(backend: Backend, mode: str = "static") -> list[Pass]:
+    """The rewrites fxq runs for ``backend`` in ``mode`` (see ``fxq.modes``), in order."""
     passes: list[Pass] = [
         # First: every later pattern assumes each value is written exactly once.
         ("functionalize_inplace", functionalize_inplace),
@@ -69,14 +71,27 @@ def passes_for(backend: Backend) -> list[Pass]:
         ("pad_depthwise_channels", pad_depthwise_channels),
         # Wide averages get their own output scale; before islands, which read the float marks.
         ("requantize_wide_averages", functools.partial(requantize_wide_averages, backend=backend)),
+        *_mode_passes(backend, mode),
         # Last: decides float regions on the final graph, with the backend's op table.
         ("place_float_islands", functools.partial(place_float_islands, backend=backend)),
     ]
     return passes
 
 
+def _mode_passes(backend: Backend, mode: str) -> list[Pass]:
+    """Marks, not rewrites: which ops stay float or run dynamically. After every rewrite (they
+    mark the final nodes), before the islands (which plan transitions around the marks)."""
+    if mode == "dynamic":
+        return [("choose_dynamic_layers", functools.partial(choose_dynamic_layers, backend=backend, everything=True))]
+    if mode == "auto":
+        # Attention first: a Linear next to a protected op is then seen to have float neighbours.
+        return [("protect_attention", protect_attention),
+                ("choose_dynamic_layers", functools.partial(choose_dynamic_layers, backend=backend))]
+    return []
+
+
 def run_passes(gm: fx.GraphModule, example_inputs: tuple, backend: Backend,
-               on_stage: Optional[Callable] = None) -> tuple[fx.GraphModule, list[PassRecord]]:
+               on_stage: Optional[Callable] = None, mode: str = "static") -> tuple[fx.GraphModule, list[PassRecord]]:
     """Run every pass; after each one that changed the graph, check the float output still matches.
 
     The shape propagation that refreshes ``tensor_meta`` for the next pass is also the run
@@ -89,7 +104,7 @@ def run_passes(gm: fx.GraphModule, example_inputs: tuple, backend: Backend,
     on_stage = on_stage or (lambda *_: None)
     on_stage("traced", gm, None)
     records: list[PassRecord] = []
-    for name, run in passes_for(backend):
+    for name, run in passes_for(backend, mode):
         start = time.perf_counter()
         result = run(gm)
         records.append(PassRecord(name, result.modified, result.changes, time.perf_counter() - start))
