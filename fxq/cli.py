@@ -22,6 +22,7 @@ import torch.nn as nn
 import fxq
 from fxq.errors import FxqError
 from fxq.fallback import median_latency
+from fxq.modes import DEFAULT_MODE, MODES
 from fxq.tensors import sqnr_db
 
 DEFAULT_MODEL = "torchvision.models:resnet18"
@@ -100,7 +101,7 @@ def _float_model_and_data(args: argparse.Namespace):
 def _quantize_command(args: argparse.Namespace) -> int:
     model, example, calibration = _float_model_and_data(args)
     qmodel = fxq.quantize(model, example, calibration_data=calibration, backend=args.backend, dump_dir=args.dump,
-                          target_sqnr=args.target_sqnr)
+                          target_sqnr=args.target_sqnr, mode=args.mode)
     print(fxq.report(qmodel))
     fresh = torch.randn(4, *example[0].shape[1:])
     with torch.no_grad():
@@ -142,7 +143,7 @@ def _compare_command(args: argparse.Namespace) -> int:
     if args.qmodel:
         qmodel = fxq.load(args.qmodel)
     else:
-        qmodel = fxq.quantize(model, example, calibration_data=calibration, backend=args.backend)
+        qmodel = fxq.quantize(model, example, calibration_data=calibration, backend=args.backend, mode=args.mode)
     result = fxq.compare(model, qmodel, calibration[0])
     print(result)
     worst = ", ".join(f"{row['node']} ({row['layer_sqnr']:.1f} dB)" for row in result.worst(args.worst))
@@ -176,6 +177,8 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                         help=f"module:factory or file.py:factory (default {DEFAULT_MODEL})")
     parser.add_argument("--backend", default="x86")
+    parser.add_argument("--mode", default=DEFAULT_MODE, choices=MODES,
+                        help=f"static, dynamic or auto (default {DEFAULT_MODE}; see docs/modes.md)")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--calib", default="random", metavar="random|DIR",
                         help="calibration data: random normal batches, or a directory of .png/.jpg images")

@@ -85,3 +85,9 @@ def test_quantize_with_a_target_sqnr_reports_the_fallback():
     assert done.returncode == 0, done.stderr[-2000:]
     assert "target output SQNR >= 3 dB" in done.stdout and "layers kept float for the target" in done.stdout
     assert "--target-sqnr" in run_fxq("quantize", "--help").stdout
+
+
+def test_mode_flag_is_offered_and_checked():
+    assert "{static,dynamic,auto}" in run_fxq("quantize", "--help").stdout
+    done = run_fxq("quantize", *SMALL, "--mode", "bogus")
+    assert done.returncode == 2 and "invalid choice" in done.stderr
