@@ -20,20 +20,20 @@ X86 = fxq.get_backend("x86")
 
 
 class Sandwich(nn.Module):
-    """silu (no x86 kernel) around a cheap reshape, and around a conv."""
+    """sin and softplus (no x86 kernels) around a cheap reshape, and around a conv."""
 
     def __init__(self):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.act = nn.SiLU()
+        self.act = nn.Softplus()
         self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
         self.conv3 = nn.Conv2d(8, 4, 3)
 
     def forward(self, x):
-        x = F.silu(self.conv1(x))
+        x = torch.sin(self.conv1(x))
         x = x.reshape(x.shape[0], 8, -1).reshape(x.shape)  # cheap, between two float ops
         x = self.act(x)
-        x = F.silu(self.conv2(x))  # conv2 sits between float ops but is heavy: stays int8
+        x = torch.sin(self.conv2(x))  # conv2 sits between float ops but is heavy: stays int8
         return self.conv3(x)
 
 
@@ -52,12 +52,12 @@ def test_islands_grow_over_cheap_ops_but_not_heavy_ones():
     gm = _traced(model, x)
     floats = {node.name: reason for node, reason in decide_float_nodes(gm, X86).items()}
     assert floats["reshape"] == floats["reshape_1"] == GROWN_REASON
-    assert "no int8 kernel" in floats["silu"] and "no int8 kernel" in floats["act"]
+    assert "no int8 kernel" in floats["sin"] and "no int8 kernel" in floats["act"]
     assert not any(name.startswith("conv") for name in floats)
     assert place_float_islands(gm, X86).modified
     # Function calls and parameterless modules become opaque FloatOp leaves; convs are untouched.
     wrapped = [type(m.target) for m in gm.modules() if isinstance(m, FloatOp)]
-    assert nn.SiLU in wrapped
+    assert nn.Softplus in wrapped
     assert [n.target for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith("conv")] == [
         "conv1", "conv2", "conv3"]
     torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
@@ -80,7 +80,7 @@ def test_grown_island_saves_transitions_in_the_int8_model():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", fxq.FxqWarning)
         report = fxq.report(fxq.quantize(model, x))
-    # int8 in -> conv1 -> [silu, reshapes, silu] float -> conv2 -> [silu] float -> conv3 -> out
+    # int8 in -> conv1 -> [sin, reshapes, softplus] float -> conv2 -> [sin] float -> conv3 -> out
     assert (report.quantize_ops, report.dequantize_ops) == (3, 3)
 
 
