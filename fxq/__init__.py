@@ -9,7 +9,8 @@ Example::
     print(fxq.report(qmodel))
 """
 from fxq.api import QuantizedModel, quantize
-from fxq.backends import Backend, QuantSpec, get_backend, list_backends, register_backend
+from fxq.backends import (Backend, QuantSpec, get_backend, list_backends, reference_backend, register_backend,
+                          simulation_of)
 from fxq.calibrate import FxqWarning
 from fxq.errors import (BackendError, CalibrationError, FxqError, InvalidInputError, QuantizationFailure,
                         RewriteError, TraceFailure)
@@ -27,5 +28,6 @@ __all__ = [
     "FallbackRecord", "Sensitivity", "Target", "sensitivity",
     "Backend", "BackendError", "CalibrationError", "FxqError", "FxqWarning", "InvalidInputError",
     "QuantSpec", "QuantizationFailure", "QuantizationReport", "QuantizedModel", "RewriteError",
-    "TraceFailure", "get_backend", "list_backends", "quantize", "register_backend", "report",
+    "TraceFailure", "get_backend", "list_backends", "quantize", "reference_backend", "register_backend", "report",
+    "simulation_of",
 ]

@@ -53,7 +53,7 @@ def prepare_unit(gm: fx.GraphModule, example_inputs: tuple, backend: Backend,
     """prepare_fx on a copy of ``gm``: float nodes get a None qconfig, leaves stay opaque,
     dynamic layers (``fxq.modes``) torch's dynamic qconfig."""
     gm = copy.deepcopy(gm)  # convert mutates fused modules in place; keep the float graph reusable
-    mapping = backend.qconfig_mapping(activation_observer)
+    mapping = backend.qconfig_mapping(activation_observer, gm)
     leaves = []
     for node in gm.graph.nodes:
         if node.op != "call_module":
@@ -75,7 +75,7 @@ def prepare_unit(gm: fx.GraphModule, example_inputs: tuple, backend: Backend,
 
 def convert_unit(prepared: fx.GraphModule, backend: Backend) -> fx.GraphModule:
     try:
-        converted = quant.convert(prepared, backend.backend_config)
+        converted = quant.convert(prepared, backend.backend_config, reference=backend.reference)
     except Exception as error:
         raise QuantizationFailure(f"convert_fx failed: {type(error).__name__}: {error}. "
                                   "Please report this model to fxq.") from error

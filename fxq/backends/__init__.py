@@ -8,12 +8,15 @@ from __future__ import annotations
 from importlib import metadata
 
 from fxq.backends.base import Backend, QuantSpec
+from fxq.backends.reference import reference_backend, simulation_of
 from fxq.errors import BackendError
 
-__all__ = ["Backend", "QuantSpec", "get_backend", "list_backends", "register_backend"]
+__all__ = ["Backend", "QuantSpec", "get_backend", "list_backends", "reference_backend", "register_backend",
+           "simulation_of"]
 
 ENTRY_POINT_GROUP = "fxq.backends"
 _REGISTRY: dict[str, Backend] = {}
+_BUILTINS_LOADED: list[bool] = []  # non-empty once the built-ins are in _REGISTRY
 
 
 def register_backend(backend: Backend, replace: bool = False) -> Backend:
@@ -26,6 +29,7 @@ def register_backend(backend: Backend, replace: bool = False) -> Backend:
     """
     if not isinstance(backend, Backend):
         raise BackendError(f"register_backend needs an fxq.Backend, got {type(backend).__name__}")
+    _ensure_builtins()
     if backend.name in _REGISTRY and not replace:
         raise BackendError(f"a backend named {backend.name!r} is already registered; "
                            "pass replace=True to replace it")
@@ -45,6 +49,8 @@ def get_backend(name_or_backend) -> Backend:
         return name_or_backend
     _ensure_builtins()
     name = name_or_backend
+    if not isinstance(name, str):
+        raise BackendError(f"backend must be a name or an fxq.Backend, got {type(name).__name__}")
     if name not in _REGISTRY:
         _load_plugin(name)
     if name not in _REGISTRY:
@@ -54,9 +60,14 @@ def get_backend(name_or_backend) -> Backend:
 
 
 def _ensure_builtins() -> None:
-    if "x86" not in _REGISTRY:
-        from fxq.backends.x86 import x86
-        _REGISTRY.setdefault(x86.name, x86)
+    if _BUILTINS_LOADED:
+        return
+    from fxq.backends.qnnpack import qnnpack
+    from fxq.backends.reference import reference
+    from fxq.backends.x86 import x86
+    for backend in (x86, qnnpack, reference):
+        _REGISTRY.setdefault(backend.name, backend)
+    _BUILTINS_LOADED.append(True)
 
 
 def _load_plugin(name: str) -> None:

@@ -60,7 +60,10 @@ class QuantSpec:
             return quant.PerChannelMinMaxObserver.with_args(
                 dtype=self.dtype, qscheme=scheme, quant_min=qmin, quant_max=qmax)
         scheme = torch.per_tensor_symmetric if self.symmetric else torch.per_tensor_affine
-        return _OBSERVERS[self.observer].with_args(
+        observer = _OBSERVERS[self.observer]
+        if observer is quant.HistogramObserver and self.bits < 8:
+            observer = quant.NBitHistogramObserver
+        return observer.with_args(
             dtype=self.dtype, qscheme=scheme, quant_min=qmin, quant_max=qmax)
 
 
@@ -79,15 +82,27 @@ class Backend:
     #: Shared-qparams ops beyond torch's own lists whose int8 kernels fxq may call directly
     #: (torch's lowering would otherwise wrap them in dequantize/quantize).
     int8_passthrough_ops: frozenset = frozenset()
+    #: True: convert produces a reference model (quantize -> dequantize around float ops, any
+    #: bit width, runs anywhere) instead of torch's int8 kernels; ``engine`` must be None.
+    reference: bool = False
 
     def __post_init__(self):
         if not self.name or not isinstance(self.name, str):
             raise BackendError("Backend.name must be a non-empty string")
+        if self.reference and self.engine is not None:
+            raise BackendError(f"backend {self.name!r}: a reference backend runs no quantized engine; "
+                               f"drop engine={self.engine!r} or set reference=False")
 
     @property
     def absorbs_clamps(self) -> bool:
-        """Affine activations saturate at the observed range, so a clamp can be absorbed."""
-        return not self.activation.symmetric
+        """Whether ``conv/linear -> clamp`` may be fused into one op.
+
+        A reference model keeps the clamp inside the fused module (float math before the
+        output quantize), so any activation spec works. Int8 kernels drop the clamp and rely
+        on the output range saturating at it, which holds only for affine activations: a
+        symmetric range around zero would keep negative values.
+        """
+        return self.reference or not self.activation.symmetric
 
     @functools.cached_property
     def backend_config(self) -> "quant.BackendConfig":
@@ -98,13 +113,18 @@ class Backend:
         """Every module type, function and method name some pattern of the config names."""
         targets = set()
         for config in self.backend_config.configs:
-            pattern = config.pattern if config.pattern is not None else config._pattern_complex_format
-            targets.update(_flatten_pattern(pattern))
+            targets.update(config_targets(config))
         return frozenset(targets)
 
-    def qconfig_mapping(self, activation_observer: Optional[str] = None) -> "quant.QConfigMapping":
+    def qconfig_mapping(self, activation_observer: Optional[str] = None,
+                        gm: Optional[fx.GraphModule] = None) -> "quant.QConfigMapping":
         """torch QConfigMapping for this backend; ``activation_observer`` overrides the observer
-        (the fallback dry run uses cheap "minmax": it only needs to know which kernels run)."""
+        (the fallback dry run uses cheap "minmax": it only needs to know which kernels run).
+
+        Transposed convs take per-tensor weights (no per-channel kernel). That is set per module
+        of ``gm``, not per type: torch requires every type inside a fused module to map to the
+        same qconfig, and the activation in a ``ConvTransposeAct`` has no per-type entry.
+        """
         activation = self.activation
         if activation_observer is not None:
             activation = dataclasses.replace(activation, observer=activation_observer)
@@ -112,9 +132,11 @@ class Backend:
         qconfig = quant.QConfig(activation=activation.observer_factory(), weight=self.weight.observer_factory())
         transpose = quant.QConfig(activation=activation.observer_factory(), weight=per_tensor_weight.observer_factory())
         mapping = quant.default_mapping(qconfig, transpose, self.torch_qconfig_base)
-        for fused_type, (root, _, _) in fused.FUSED_TYPES.items():
-            if root in (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d):
-                mapping.set_object_type(fused_type, transpose)
+        for module_type in _TRANSPOSED_CONVS:  # the global qconfig, like the ReLU6 fused with them
+            mapping.object_type_qconfigs.pop(module_type, None)
+        for node in gm.graph.nodes if gm is not None else ():
+            if node.op == "call_module" and _is_transposed_conv(gm.get_submodule(node.target)):
+                mapping.set_module_name(node.target, transpose)
         return mapping
 
     def unsupported_reason(self, gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
@@ -124,6 +146,23 @@ class Backend:
             return f"backend {self.name!r} has no int8 kernel for {_describe(target, node)}"
         check = self.arg_checks.get(target)
         return check(gm, node) if check is not None else None
+
+
+_TRANSPOSED_CONVS = (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
+
+
+def _is_transposed_conv(module: torch.nn.Module) -> bool:
+    if type(module) in fused.FUSED_TYPES:
+        module = module[0]
+    return isinstance(module, _TRANSPOSED_CONVS)
+
+
+def config_targets(pattern_config) -> frozenset:
+    """The module types, functions and method names one ``BackendPatternConfig`` names."""
+    pattern = pattern_config.pattern
+    if pattern is None:
+        pattern = pattern_config._pattern_complex_format
+    return frozenset(_flatten_pattern(pattern))
 
 
 def _flatten_pattern(pattern):
