@@ -4,7 +4,6 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import fxq
 from fxq.errors import TraceFailure

@@ -19,10 +19,9 @@ from typing import Optional
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
 import torch.nn.functional as F
 
-from fxq.passes.base import PassResult, finish, fxq_meta, get_module, tensor_shape
+from fxq.passes.base import PassResult, finish, fxq_meta, get_module, module_call_counts, root_conv2d, tensor_shape
 
 NAME = "align_depthwise_padding"
 
@@ -32,14 +31,6 @@ class _Alignment:
     input_pad: tuple[int, int, int, int]  # F.pad order: (left, right, top, bottom)
     conv_padding: tuple[int, int]
     crop: tuple[tuple[int, int], tuple[int, int]]  # per spatial dim (H, W): (start, length)
-
-
-def _root_conv(module: nn.Module) -> Optional[nn.Conv2d]:
-    if type(module) is nn.Conv2d:
-        return module
-    if isinstance(module, nn.Sequential) and len(module) and type(module[0]) is nn.Conv2d:
-        return module[0]  # torch's ConvReLU2d and fxq's fused conv + clamp: the conv comes first
-    return None
 
 
 def _zero_pad_sides(node: fx.Node) -> Optional[tuple[int, ...]]:
@@ -65,7 +56,7 @@ def _align_dim(before: int, after: int, size: int, kernel: int, stride: int, out
 
 
 def _plan(gm: fx.GraphModule, conv_node: fx.Node) -> Optional[_Alignment]:
-    conv = _root_conv(get_module(gm, conv_node)) if conv_node.op == "call_module" else None
+    conv = root_conv2d(get_module(gm, conv_node)) if conv_node.op == "call_module" else None
     if conv is None or conv.groups != conv.in_channels or conv.groups == 1 or conv.padding_mode != "zeros":
         return None
     if conv.padding not in ((0, 0), "valid") or conv.dilation != (1, 1):
@@ -84,10 +75,6 @@ def _plan(gm: fx.GraphModule, conv_node: fx.Node) -> Optional[_Alignment]:
     return _Alignment((w[0], w[1], h[0], h[1]), (h[3], w[3]), ((h[2], out_shape[2]), (w[2], out_shape[3])))
 
 
-def _called_once(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == node.target) == 1
-
-
 def align_depthwise_padding(gm: fx.GraphModule) -> PassResult:
     """Move uneven zero pads of depthwise convs into the conv, cropping the extra outputs.
 
@@ -97,13 +84,14 @@ def align_depthwise_padding(gm: fx.GraphModule) -> PassResult:
         # F.pad(x, (1, 0, 1, 0)) -> Conv2d(padding=1) -> narrow(2, 1, H') -> narrow(3, 1, W')
         align_depthwise_padding(gm)
     """
+    calls = module_call_counts(gm)
     plans = [(node, plan) for node in gm.graph.nodes
-             if (plan := _plan(gm, node)) is not None and _called_once(gm, node)]
+             if (plan := _plan(gm, node)) is not None and calls[node.target] == 1]
     changes = []
     for conv_node, plan in plans:
         pad_node = conv_node.args[0]
         pad_node.args = (pad_node.args[0], plan.input_pad, *pad_node.args[2:])
-        _root_conv(get_module(gm, conv_node)).padding = plan.conv_padding
+        root_conv2d(get_module(gm, conv_node)).padding = plan.conv_padding
         cropped = conv_node
         users = list(conv_node.users)
         for dim, (start, length) in zip((2, 3), plan.crop):

@@ -67,6 +67,25 @@ def get_attr_value(gm: fx.GraphModule, node: Any) -> Optional[torch.Tensor]:
     return value if isinstance(value, torch.Tensor) else None
 
 
+def root_conv2d(module: Optional[torch.nn.Module]) -> Optional[torch.nn.Conv2d]:
+    """The Conv2d a module computes with: itself, or the first element of a fused conv + activation
+    (torch's ConvReLU2d, fxq's fused conv + clamp)."""
+    if type(module) is torch.nn.Conv2d:
+        return module
+    if isinstance(module, torch.nn.Sequential) and len(module) and type(module[0]) is torch.nn.Conv2d:
+        return module[0]
+    return None
+
+
+def module_call_counts(gm: fx.GraphModule) -> dict[str, int]:
+    """How many call_module nodes call each submodule (a rewrite of a shared module hits them all)."""
+    counts: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            counts[node.target] = counts.get(node.target, 0) + 1
+    return counts
+
+
 def add_submodule_unique(gm: fx.GraphModule, base_name: str, module: torch.nn.Module) -> str:
     """Register ``module`` on ``gm`` under a fresh name derived from ``base_name``; return it."""
     name = base_name.replace(".", "_")

@@ -16,7 +16,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxq.passes.base import PassResult, finish, fxq_meta, get_module, tensor_shape
+from fxq.passes.base import PassResult, finish, fxq_meta, get_module, module_call_counts, root_conv2d, tensor_shape
 
 NAME = "pad_depthwise_channels"
 CHANNEL_MULTIPLE = 8
@@ -25,13 +25,14 @@ CHANNEL_MULTIPLE = 8
 def _depthwise_root(gm: fx.GraphModule, node: fx.Node):
     """(container, key, conv) for a depthwise Conv2d call that needs widening, else None."""
     module = get_module(gm, node) if node.op == "call_module" else None
-    if type(module) is nn.Conv2d:
-        owner_path, _, key = node.target.rpartition(".")
-        container, conv = gm.get_submodule(owner_path), module
-    elif isinstance(module, nn.Sequential) and len(module) and type(module[0]) is nn.Conv2d:
-        container, key, conv = module, "0", module[0]  # torch's ConvReLU2d, fxq's fused conv + clamp
-    else:
+    conv = root_conv2d(module)
+    if conv is None:
         return None
+    if conv is module:
+        owner_path, _, key = node.target.rpartition(".")
+        container = gm.get_submodule(owner_path)
+    else:
+        container, key = module, "0"
     channels = conv.in_channels
     if not (conv.groups == channels == conv.out_channels and channels % CHANNEL_MULTIPLE):
         return None
@@ -62,10 +63,7 @@ def pad_depthwise_channels(gm: fx.GraphModule) -> PassResult:
         # F.pad(x, (0, 0, 0, 0, 0, 6)) -> Conv2d(64, 64, 3, groups=64) -> narrow(1, 0, 58)
         pad_depthwise_channels(gm)
     """
-    calls: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = module_call_counts(gm)
     plans = [(node, found) for node in gm.graph.nodes
              if calls.get(node.target) == 1 and (found := _depthwise_root(gm, node)) is not None]
     changes = []

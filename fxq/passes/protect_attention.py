@@ -22,7 +22,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxq.passes.base import PassResult, finish, float_reason, get_module, keep_float
+from fxq.passes.base import PassResult, float_reason, get_module, keep_float
 
 NAME = "protect_attention"
 MAX_SCORE_CHAIN = 8
