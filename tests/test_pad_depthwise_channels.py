@@ -6,6 +6,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from graphs import call_targets
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.fx.passes.shape_prop import ShapeProp
@@ -49,9 +50,7 @@ def test_before_expected_after_fusion_and_idempotent():
     merge_activations(gm)
     ShapeProp(gm).propagate(x)
     assert pad_depthwise_channels(gm).modified
-    ops = [n.target if n.op == "call_function" else type(gm.get_submodule(n.target)).__name__
-           for n in gm.graph.nodes if n.op in ("call_function", "call_module")]
-    assert ops == [F.pad, "ConvReLU2d", torch.narrow, "Conv2d"]
+    assert call_targets(gm) == [F.pad, "ConvReLU2d", torch.narrow, "Conv2d"]
     assert gm.conv[0].groups == 64 and gm.conv[0].weight.shape[0] == 64
     torch.testing.assert_close(gm(x), model(x), rtol=1e-6, atol=1e-6)
     ShapeProp(gm).propagate(x)
