@@ -12,8 +12,9 @@ from fxq.api import QuantizedModel, quantize
 from fxq.backends import (Backend, QuantSpec, get_backend, list_backends, reference_backend, register_backend,
                           simulation_of)
 from fxq.calibrate import FxqWarning
-from fxq.errors import (BackendError, CalibrationError, FxqError, InvalidInputError, QuantizationFailure,
-                        RewriteError, TraceFailure)
+from fxq.distributed import sync_observers
+from fxq.errors import (BackendError, CalibrationError, DistributedError, FxqError, InvalidInputError,
+                        QuantizationFailure, RewriteError, TraceFailure)
 from fxq.report import QuantizationReport, report
 from fxq.compare import Comparison, compare
 from fxq.fallback import FallbackRecord, Target
@@ -26,8 +27,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Comparison", "compare", "dump_graph", "export_torchscript", "load", "save", "to_networkx",
     "FallbackRecord", "Sensitivity", "Target", "sensitivity",
-    "Backend", "BackendError", "CalibrationError", "FxqError", "FxqWarning", "InvalidInputError",
+    "Backend", "BackendError", "CalibrationError", "DistributedError", "FxqError", "FxqWarning", "InvalidInputError",
     "QuantSpec", "QuantizationFailure", "QuantizationReport", "QuantizedModel", "RewriteError",
     "TraceFailure", "get_backend", "list_backends", "quantize", "reference_backend", "register_backend", "report",
-    "simulation_of",
+    "simulation_of", "sync_observers",
 ]

@@ -13,6 +13,7 @@ import torch.nn as nn
 from fxq import modes, pipeline, stages, trace
 from fxq.backends import get_backend
 from fxq.calibrate import as_args, calibrate, calibration_batches
+from fxq.distributed import sync_observers, unwrap_parallel
 from fxq.dump import stage_dumper
 from fxq.errors import InvalidInputError, QuantizationFailure
 from fxq.fallback import Target, as_target, meet_target
@@ -80,6 +81,7 @@ def quantize(model: nn.Module, example_inputs: Any, calibration_data: Optional[I
         qmodel = fxq.quantize(model, example_inputs, batches, target_sqnr=30)   # fewest float layers
         seq_model = fxq.quantize(lipreader, clip, calibration_data=clips, mode="auto")  # dynamic GRU
     """
+    model = unwrap_parallel(model)  # a DDP-wrapped model: quantize what it wraps
     backend, mode = get_backend(backend), modes.check_mode(mode)
     example_inputs, target = _check_inputs(model, example_inputs), as_target(target_sqnr, target)
     # a target needs replayable calibration data and held-out batches to measure on
@@ -110,6 +112,7 @@ def quantize(model: nn.Module, example_inputs: Any, calibration_data: Optional[I
             root = _install(working, prepared)
         with _timed(timings, "calibrate"):
             calibrate(root, calibration_batches(batches, example_inputs))
+            sync_observers(root)  # under torch.distributed: every rank's data, the same int8 model
         dump.prepared(prepared, plan.units)
         with _timed(timings, "convert"):
             converted = {path: stages.convert_unit(p, backend) for path, p in prepared.items()}

@@ -34,3 +34,8 @@ class CalibrationError(FxqError, ValueError):
 
 class QuantizationFailure(FxqError):
     """prepare/convert failed in a way fxq could not repair by keeping nodes in float."""
+
+
+class DistributedError(FxqError, RuntimeError):
+    """Observers cannot be merged over torch.distributed ranks: the ranks hold different models,
+    or an observer type fxq does not know how to merge."""

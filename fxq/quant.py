@@ -38,6 +38,7 @@ with quiet():
     import torch.ao.nn.quantized.dynamic as nnqd
     import torch.ao.nn.quantized.reference as nnqr
     from torch.ao.quantization import QConfig, QConfigMapping
+    from torch.ao.quantization.fake_quantize import FakeQuantizeBase
     from torch.ao.quantization import default_dynamic_qconfig as _dynamic_qconfig
     from torch.ao.quantization import per_channel_dynamic_qconfig as _per_channel_dynamic_qconfig
     from torch.ao.quantization import get_default_qconfig_mapping as _torch_default_mapping
@@ -55,6 +56,7 @@ with quiet():
         HistogramObserver,
         MinMaxObserver,
         MovingAverageMinMaxObserver,
+        MovingAveragePerChannelMinMaxObserver,
         ObserverBase,
         PerChannelMinMaxObserver,
         PlaceholderObserver,
@@ -63,7 +65,8 @@ with quiet():
 
 __all__ = [
     "BackendConfig", "BackendPatternConfig", "DTypeConfig", "ObservationType",
-    "HistogramObserver", "MinMaxObserver", "NBitHistogramObserver", "MovingAverageMinMaxObserver", "ObserverBase",
+    "FakeQuantizeBase", "HistogramObserver", "MinMaxObserver", "NBitHistogramObserver", "MovingAverageMinMaxObserver",
+    "MovingAveragePerChannelMinMaxObserver", "ObserverBase", "rebin_histogram",
     "PerChannelMinMaxObserver", "PlaceholderObserver", "QConfig", "QConfigMapping",
     "get_qnnpack_backend_config", "get_x86_backend_config", "nni", "nnq", "nnqd", "nnqr",
     "prepare", "convert", "default_mapping", "register_lowering", "quiet", "dynamic_qconfig",
@@ -155,6 +158,17 @@ class NBitHistogramObserver(HistogramObserver):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.dst_nbins = self.quant_max - self.quant_min + 1
+
+
+def rebin_histogram(observer: HistogramObserver, new_min: torch.Tensor, new_max: torch.Tensor) -> torch.Tensor:
+    """``observer``'s histogram spread over the wider range [new_min, new_max], same bin count.
+
+    torch's own re-binning (the one ``forward`` uses when a batch widens the range): each bin
+    is split into 16 and the pieces land in the new bin holding their midpoint.
+    """
+    empty = torch.zeros_like(observer.histogram)
+    return observer._combine_histograms(observer.histogram, observer.min_val, observer.max_val,
+                                        empty, new_min, new_max)
 
 
 def observer_state(module: torch.nn.Module) -> dict[str, Any]:
