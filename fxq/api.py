@@ -1,17 +1,22 @@
-"""``fxq.quantize``: the whole flow, in the order the data moves."""
+"""``fxq.quantize``: the whole flow, in the order the data moves.
+
+``rewrite`` (trace, passes, dry run) and ``finish`` (convert, check, report) are the halves
+``fxq.prepare_qat`` / ``fxq.convert`` share with it; only prepare and calibrate differ.
+"""
 from __future__ import annotations
 
 import copy
 import inspect
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 import torch
 import torch.nn as nn
 
 from fxq import modes, pipeline, stages, trace
-from fxq.backends import get_backend
+from fxq.backends import Backend, get_backend
 from fxq.calibrate import as_args, calibrate, calibration_batches
 from fxq.distributed import sync_observers, unwrap_parallel
 from fxq.dump import stage_dumper
@@ -39,18 +44,24 @@ class QuantizedModel(nn.Module):
         self.float_graphs = float_graphs or {}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.bind_by_signature and kwargs:
-            # torch.fx may rename traced parameters (embed -> embed_1); bind by the original names.
-            bound = self.signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            args, kwargs = bound.args, bound.kwargs
         with stages.quantized_engine(self.engine):
-            try:
-                return self.model(*args, **kwargs)
-            except AssertionError as error:
-                if not _is_trace_guard(error):
-                    raise
-                raise InvalidInputError(f"this int8 model was traced for other arguments: {error}") from None
+            return call_traced(self.model, self.signature, self.bind_by_signature, args, kwargs, "int8 model")
+
+
+def call_traced(model: nn.Module, signature: inspect.Signature, bind_by_signature: bool,
+                args: tuple, kwargs: dict, kind: str) -> Any:
+    """Call a model fxq traced exactly like the user's original (``kind`` names it in errors)."""
+    if bind_by_signature and kwargs:
+        # torch.fx may rename traced parameters (embed -> embed_1); bind by the original names.
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        args, kwargs = bound.args, bound.kwargs
+    try:
+        return model(*args, **kwargs)
+    except AssertionError as error:
+        if not _is_trace_guard(error):
+            raise
+        raise InvalidInputError(f"this {kind} was traced for other arguments: {error}") from None
 
 
 def _is_trace_guard(error: AssertionError) -> bool:
@@ -83,14 +94,46 @@ def quantize(model: nn.Module, example_inputs: Any, calibration_data: Optional[I
     """
     model = unwrap_parallel(model)  # a DDP-wrapped model: quantize what it wraps
     backend, mode = get_backend(backend), modes.check_mode(mode)
-    example_inputs, target = _check_inputs(model, example_inputs), as_target(target_sqnr, target)
+    example_inputs, target = check_inputs(model, example_inputs), as_target(target_sqnr, target)
     # a target needs replayable calibration data and held-out batches to measure on
     batches, held_out = (split_calibration(calibration_data, example_inputs) if target is not None
                          else (calibration_data, None))
     if mode == "dynamic" and batches is None:
         batches = [example_inputs]  # nothing static to calibrate: no "calibrating on example_inputs" warning
-    timings: dict[str, float] = {}
     dump = stage_dumper(dump_dir)
+    rewritten = rewrite(model, example_inputs, backend, mode, dump)
+    with stages.quantized_engine(backend.engine):
+        prepared, root = prepare_units(rewritten)
+        with _timed(rewritten.timings, "calibrate"):
+            calibrate(root, calibration_batches(batches, example_inputs))
+            sync_observers(root)  # under torch.distributed: every rank's data, the same int8 model
+        dump.prepared(prepared, rewritten.plan.units)
+    qmodel = finish(rewritten, rewritten.working, prepared, dump)
+    if target is not None:  # keep the most damaging layers float until the target is met
+        meet_target(target, model, qmodel, example_inputs, batches, held_out, backend)
+    return qmodel
+
+
+@dataclass
+class Rewritten:
+    """A model traced and rewritten for int8, its float nodes settled: ready to prepare."""
+
+    working: nn.Module  # the deep copy of the user's model that the units are installed into
+    plan: trace.CapturePlan  # its units' graph modules are the rewritten float graphs
+    backend: Backend
+    example_inputs: tuple
+    pass_records: dict
+    notes: list[str]
+    timings: dict[str, float]
+    signature: inspect.Signature  # the user's forward, to bind keyword arguments by
+    fp32_bytes: int
+
+
+def rewrite(model: nn.Module, example_inputs: tuple, backend: Backend, mode: str, dump,
+            qat: bool = False) -> Rewritten:
+    """Trace a deep copy of ``model``, run the pass list (the QAT one with ``qat``), then the dry
+    run that keeps float whatever has no working int8 kernel."""
+    timings: dict[str, float] = {}
     working = copy.deepcopy(model).eval()  # the user's model is never touched
     with _timed(timings, "trace"):
         plan = trace.plan_units(working, example_inputs)
@@ -100,41 +143,50 @@ def quantize(model: nn.Module, example_inputs: Any, calibration_data: Optional[I
     with _timed(timings, "passes"):
         for unit in plan.units:
             unit.graph_module, pass_records[unit.path] = pipeline.run_passes(
-                unit.graph_module, unit.example_inputs, backend, on_stage=dump.pass_observer(unit.path), mode=mode)
+                unit.graph_module, unit.example_inputs, backend, on_stage=dump.pass_observer(unit.path),
+                mode=mode, qat=qat)
     notes: list[str] = []
+    with stages.quantized_engine(backend.engine), _timed(timings, "fallback"):
+        for unit in plan.units:
+            unit.graph_module, unit_notes = stages.settle_float_nodes(unit.graph_module, unit.example_inputs, backend)
+            notes.extend(unit_notes)
+    return Rewritten(working, plan, backend, example_inputs, pass_records, notes, timings,
+                     inspect.signature(model.forward), serialized_bytes(model))
+
+
+def prepare_units(rewritten: Rewritten, qat: bool = False) -> tuple[dict[str, nn.Module], nn.Module]:
+    """Each unit prepared (observers, or fake quantizers with ``qat``) and installed: (units, root)."""
+    with _timed(rewritten.timings, "prepare"):
+        prepared = {unit.path: stages.prepare_unit(unit.graph_module, unit.example_inputs, rewritten.backend, qat=qat)
+                    for unit in rewritten.plan.units}
+        return prepared, _install(rewritten.working, prepared)
+
+
+def finish(rewritten: Rewritten, working: nn.Module, prepared: dict[str, nn.Module], dump,
+           keep_float_graphs: bool = True) -> QuantizedModel:
+    """Convert the ``prepared`` units (installed in ``working``), check the int8 output, and
+    build the report and the QuantizedModel."""
+    backend, plan, timings = rewritten.backend, rewritten.plan, rewritten.timings
     with stages.quantized_engine(backend.engine):
-        with _timed(timings, "fallback"):
-            for unit in plan.units:
-                unit.graph_module, unit_notes = stages.settle_float_nodes(unit.graph_module, unit.example_inputs, backend)
-                notes.extend(unit_notes)
-        with _timed(timings, "prepare"):
-            prepared = {u.path: stages.prepare_unit(u.graph_module, u.example_inputs, backend) for u in plan.units}
-            root = _install(working, prepared)
-        with _timed(timings, "calibrate"):
-            calibrate(root, calibration_batches(batches, example_inputs))
-            sync_observers(root)  # under torch.distributed: every rank's data, the same int8 model
-        dump.prepared(prepared, plan.units)
         with _timed(timings, "convert"):
             converted = {path: stages.convert_unit(p, backend) for path, p in prepared.items()}
             root = _install(working, converted)
-        _check_output(root, example_inputs)
+        _check_output(root, rewritten.example_inputs)
         dump.converted(converted, plan.units)
     dump.finish()
-    report = _build_report(backend.name, plan, converted, pass_records, timings, notes)
-    report.fp32_bytes, report.int8_bytes = serialized_bytes(model), serialized_bytes(root)
-    qmodel = QuantizedModel(root, inspect.signature(model.forward), backend.engine, report,
-                            bind_by_signature="" in converted,
-                            float_graphs={unit.path: unit.graph_module for unit in plan.units})
-    if target is not None:  # keep the most damaging layers float until the target is met
-        meet_target(target, model, qmodel, example_inputs, batches, held_out, backend)
-    return qmodel
+    report = _build_report(backend.name, plan, converted, rewritten.pass_records, timings, rewritten.notes)
+    report.fp32_bytes, report.int8_bytes = rewritten.fp32_bytes, serialized_bytes(root)
+    float_graphs = {unit.path: unit.graph_module for unit in plan.units} if keep_float_graphs else {}
+    return QuantizedModel(root, rewritten.signature, backend.engine, report, bind_by_signature="" in converted,
+                          float_graphs=float_graphs)
 
 
-def _check_inputs(model: Any, example_inputs: Any) -> tuple:
+def check_inputs(model: Any, example_inputs: Any, caller: str = "fxq.quantize") -> tuple:
+    """``example_inputs`` as a tuple of positional arguments, checked to run through ``model``."""
     if not isinstance(model, nn.Module):
-        raise InvalidInputError(f"fxq.quantize needs a torch.nn.Module, got {type(model).__name__}")
+        raise InvalidInputError(f"{caller} needs a torch.nn.Module, got {type(model).__name__}")
     if example_inputs is None:
-        raise InvalidInputError("fxq.quantize needs example_inputs: a tuple of the model's positional arguments")
+        raise InvalidInputError(f"{caller} needs example_inputs: a tuple of the model's positional arguments")
     example_inputs = as_args(example_inputs)
     try:
         with torch.no_grad():

@@ -44,8 +44,9 @@ REWRITE_TOLERANCE = 1e-4
 ROUNDING_MARGIN = 100
 
 
-def passes_for(backend: Backend, mode: str = "static") -> list[Pass]:
-    """The rewrites fxq runs for ``backend`` in ``mode`` (see ``fxq.modes``), in order."""
+def passes_for(backend: Backend, mode: str = "static", qat: bool = False) -> list[Pass]:
+    """The rewrites fxq runs for ``backend`` in ``mode`` (see ``fxq.modes``), in order; with
+    ``qat``, for ``fxq.prepare_qat``: BatchNorm stays for torch's QAT ConvBn modules to fold."""
     passes: list[Pass] = [
         # First: every later pattern assumes each value is written exactly once.
         ("functionalize_inplace", functionalize_inplace),
@@ -59,16 +60,20 @@ def passes_for(backend: Backend, mode: str = "static") -> list[Pass]:
         *([("decompose_silu", decompose_silu)] if silu_needs_decomposing(backend) else []),
         # Before BN folding, so an F.conv2d followed by BatchNorm folds like an nn.Conv2d.
         ("modularize_functional_convs", modularize_functional_convs),
-        ("fold_batchnorm", fold_batchnorm),
+        # Not in QAT: torch's QAT ConvBn modules fold BN while training, with batch statistics.
+        *([] if qat else [("fold_batchnorm", fold_batchnorm)]),
         # Only BatchNorms that could not fold are left; those the backend has no kernel for
         # become per-channel affines (its own int8 BN measured more accurate where it exists).
-        ("lower_batchnorm", functools.partial(lower_batchnorm, native=single_op_patterns(backend.backend_config))),
-        # After folding: conv -> bn -> relu6 is conv -> relu6 by now.
-        ("merge_activations", functools.partial(merge_activations, absorb_clamps=backend.absorbs_clamps)),
+        *([] if qat else [("lower_batchnorm", functools.partial(
+            lower_batchnorm, native=single_op_patterns(backend.backend_config)))]),
+        # After folding: conv -> bn -> relu6 is conv -> relu6 by now. In QAT only ReLU fuses:
+        # torch has QAT modules for conv/linear + ReLU, none for fxq's conv + clamp.
+        ("merge_activations", functools.partial(merge_activations, absorb_clamps=backend.absorbs_clamps and not qat)),
         # After fusion, so conv + relu stay one op; the crop that follows commutes with the relu.
-        ("align_depthwise_padding", align_depthwise_padding),
-        # fbgemm's fast depthwise kernel also needs a multiple of 8 channels.
-        ("pad_depthwise_channels", pad_depthwise_channels),
+        # Neither in QAT: the crop would stand between a conv and its BatchNorm.
+        *([] if qat else [("align_depthwise_padding", align_depthwise_padding),
+                          # fbgemm's fast depthwise kernel also needs a multiple of 8 channels.
+                          ("pad_depthwise_channels", pad_depthwise_channels)]),
         # Wide averages get their own output scale; before islands, which read the float marks.
         ("requantize_wide_averages", functools.partial(requantize_wide_averages, backend=backend)),
         *_mode_passes(backend, mode),
@@ -90,8 +95,8 @@ def _mode_passes(backend: Backend, mode: str) -> list[Pass]:
     return []
 
 
-def run_passes(gm: fx.GraphModule, example_inputs: tuple, backend: Backend,
-               on_stage: Optional[Callable] = None, mode: str = "static") -> tuple[fx.GraphModule, list[PassRecord]]:
+def run_passes(gm: fx.GraphModule, example_inputs: tuple, backend: Backend, on_stage: Optional[Callable] = None,
+               mode: str = "static", qat: bool = False) -> tuple[fx.GraphModule, list[PassRecord]]:
     """Run every pass; after each one that changed the graph, check the float output still matches.
 
     The shape propagation that refreshes ``tensor_meta`` for the next pass is also the run
@@ -102,7 +107,7 @@ def run_passes(gm: fx.GraphModule, example_inputs: tuple, backend: Backend,
     on_stage = on_stage or (lambda *_: None)
     on_stage("traced", gm, None)
     records: list[PassRecord] = []
-    for name, run in passes_for(backend, mode):
+    for name, run in passes_for(backend, mode, qat):
         start = time.perf_counter()
         result = run(gm)
         records.append(PassRecord(name, result.modified, result.changes, time.perf_counter() - start))

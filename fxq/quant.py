@@ -34,6 +34,7 @@ def quiet() -> Iterator[None]:
 
 with quiet():
     import torch.ao.nn.intrinsic as nni
+    import torch.ao.nn.intrinsic.qat as nniqat
     import torch.ao.nn.quantized as nnq
     import torch.ao.nn.quantized.dynamic as nnqd
     import torch.ao.nn.quantized.reference as nnqr
@@ -42,6 +43,7 @@ with quiet():
     from torch.ao.quantization import default_dynamic_qconfig as _dynamic_qconfig
     from torch.ao.quantization import per_channel_dynamic_qconfig as _per_channel_dynamic_qconfig
     from torch.ao.quantization import get_default_qconfig_mapping as _torch_default_mapping
+    from torch.ao.quantization import get_default_qat_qconfig_mapping as _torch_default_qat_mapping
     from torch.ao.quantization.backend_config import (
         BackendConfig,
         BackendPatternConfig,
@@ -51,6 +53,8 @@ with quiet():
     from torch.ao.quantization.backend_config.qnnpack import get_qnnpack_backend_config
     from torch.ao.quantization.backend_config.x86 import get_x86_backend_config
     from torch.ao.quantization.fx import _lower_to_native_backend as _lowering
+    from torch.ao.quantization.fake_quantize import FakeQuantize
+    from torch.ao.quantization.fake_quantize import disable_observer as _disable_observer
     from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
     from torch.ao.quantization.observer import (
         HistogramObserver,
@@ -61,26 +65,34 @@ with quiet():
         PerChannelMinMaxObserver,
         PlaceholderObserver,
     )
-    from torch.ao.quantization.quantize_fx import _convert_to_reference_decomposed_fx, convert_fx, prepare_fx
+    from torch.ao.quantization.quantize_fx import (
+        _convert_to_reference_decomposed_fx,
+        convert_fx,
+        prepare_fx,
+        prepare_qat_fx,
+    )
 
 __all__ = [
-    "BackendConfig", "BackendPatternConfig", "DTypeConfig", "ObservationType",
+    "BackendConfig", "BackendPatternConfig", "DTypeConfig", "ObservationType", "FakeQuantize",
     "FakeQuantizeBase", "HistogramObserver", "MinMaxObserver", "NBitHistogramObserver", "MovingAverageMinMaxObserver",
     "MovingAveragePerChannelMinMaxObserver", "ObserverBase", "rebin_histogram",
     "PerChannelMinMaxObserver", "PlaceholderObserver", "QConfig", "QConfigMapping",
     "get_qnnpack_backend_config", "get_x86_backend_config", "nni", "nnq", "nnqd", "nnqr",
     "prepare", "convert", "default_mapping", "register_lowering", "quiet", "dynamic_qconfig",
+    "freeze_bn_stats", "disable_observers", "BATCHNORM_QAT_TYPES",
 ]
 
 
-def default_mapping(qconfig: QConfig, transpose_qconfig: QConfig, torch_backend: str) -> QConfigMapping:
+def default_mapping(qconfig: QConfig, transpose_qconfig: QConfig, torch_backend: str,
+                    qat: bool = False) -> QConfigMapping:
     """torch's default mapping for ``torch_backend`` with fxq's qconfigs in every slot.
 
-    Fixed-qparams ops (sigmoid, tanh, softmax...) keep torch's fixed observers: their
-    output range is known a priori and a calibrated range would only be worse.
+    Fixed-qparams ops (sigmoid, tanh, softmax...) keep torch's fixed observers (fixed fake
+    quantizers with ``qat``): their output range is known a priori and a calibrated range
+    would only be worse.
     """
     with quiet():
-        mapping = _torch_default_mapping(torch_backend)
+        mapping = (_torch_default_qat_mapping if qat else _torch_default_mapping)(torch_backend)
         fixed = {
             key: value for key, value in mapping.object_type_qconfigs.items()
             if isinstance(value, QConfig) and _is_fixed_qparams(value)
@@ -111,14 +123,15 @@ def _is_fixed_qparams(qconfig: QConfig) -> bool:
 
 def prepare(gm: torch.fx.GraphModule, mapping: QConfigMapping, example_inputs: tuple,
             backend_config: BackendConfig, leaf_names: list[str],
-            leaf_classes: list[type]) -> torch.fx.GraphModule:
-    """prepare_fx with fxq's leaves (float islands, untraceable parts) kept opaque."""
+            leaf_classes: list[type], qat: bool = False) -> torch.fx.GraphModule:
+    """prepare_fx (``prepare_qat_fx`` with ``qat``: fake quantization, conv+BN as torch's QAT
+    ConvBn modules) with fxq's leaves (float islands, untraceable parts) kept opaque."""
     custom = (PrepareCustomConfig()
               .set_non_traceable_module_names(list(leaf_names))
               .set_non_traceable_module_classes(list(leaf_classes)))
     with quiet():
-        return prepare_fx(gm, mapping, example_inputs, prepare_custom_config=custom,
-                          backend_config=backend_config)
+        return (prepare_qat_fx if qat else prepare_fx)(gm, mapping, example_inputs, prepare_custom_config=custom,
+                                                       backend_config=backend_config)
 
 
 def convert(prepared: torch.fx.GraphModule, backend_config: BackendConfig,
@@ -130,6 +143,29 @@ def convert(prepared: torch.fx.GraphModule, backend_config: BackendConfig,
         if reference:
             return _convert_to_reference_decomposed_fx(prepared, backend_config=backend_config)
         return convert_fx(prepared, backend_config=backend_config)
+
+
+#: torch's QAT modules that fold a BatchNorm the Jacob et al. way (batch statistics until frozen).
+BATCHNORM_QAT_TYPES = (nniqat.ConvBn1d, nniqat.ConvBn2d, nniqat.ConvBn3d, nniqat.ConvBnReLU1d,
+                       nniqat.ConvBnReLU2d, nniqat.ConvBnReLU3d, nniqat.LinearBn1d)
+
+
+def freeze_bn_stats(module: torch.nn.Module) -> int:
+    """Switch every QAT conv/linear+BN in ``module`` to its running statistics; return the count."""
+    frozen = [m for m in module.modules() if isinstance(m, BATCHNORM_QAT_TYPES)]
+    with quiet():
+        for fused in frozen:
+            fused.freeze_bn_stats()
+    return len(frozen)
+
+
+def disable_observers(module: torch.nn.Module) -> int:
+    """Fix the qparams of every fake quantizer in ``module``; return how many there are."""
+    fake_quantizers = [m for m in module.modules() if isinstance(m, FakeQuantizeBase)]
+    with quiet():
+        for fake_quantizer in fake_quantizers:
+            _disable_observer(fake_quantizer)
+    return len(fake_quantizers)
 
 
 def lowered_by_pattern() -> frozenset:

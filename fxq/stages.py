@@ -49,11 +49,14 @@ def _is_torch_module(module: nn.Module) -> bool:
 
 
 def prepare_unit(gm: fx.GraphModule, example_inputs: tuple, backend: Backend,
-                 activation_observer: Optional[str] = None) -> fx.GraphModule:
+                 activation_observer: Optional[str] = None, qat: bool = False) -> fx.GraphModule:
     """prepare_fx on a copy of ``gm``: float nodes get a None qconfig, leaves stay opaque,
-    dynamic layers (``fxq.modes``) torch's dynamic qconfig."""
+    dynamic layers (``fxq.modes``) torch's dynamic qconfig. With ``qat``, prepare_qat_fx on a
+    copy in training mode: fake quantizers, and conv+BN as torch's QAT ConvBn modules."""
     gm = copy.deepcopy(gm)  # convert mutates fused modules in place; keep the float graph reusable
-    mapping = backend.qconfig_mapping(activation_observer, gm)
+    if qat:
+        gm.train()  # torch fuses conv+BN into a QAT ConvBn only when both train
+    mapping = backend.qconfig_mapping(activation_observer, gm, qat=qat)
     leaves = []
     for node in gm.graph.nodes:
         if node.op != "call_module":
@@ -67,7 +70,7 @@ def prepare_unit(gm: fx.GraphModule, example_inputs: tuple, backend: Backend,
         if float_reason(node) is not None or not _is_torch_module(module):
             leaves.append(node.target)
     try:
-        return quant.prepare(gm, mapping, example_inputs, backend.backend_config, leaves, [FloatOp])
+        return quant.prepare(gm, mapping, example_inputs, backend.backend_config, leaves, [FloatOp], qat=qat)
     except Exception as error:
         raise QuantizationFailure(f"prepare_fx failed for {type(gm).__name__}: {type(error).__name__}: {error}. "
                                   "Please report this model to fxq.") from error

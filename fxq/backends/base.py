@@ -52,19 +52,39 @@ class QuantSpec:
             return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
         return 0, 2 ** bits - 1
 
+    def qscheme(self) -> torch.qscheme:
+        if self.per_channel:
+            return torch.per_channel_symmetric if self.symmetric else torch.per_channel_affine
+        return torch.per_tensor_symmetric if self.symmetric else torch.per_tensor_affine
+
     def observer_factory(self):
         """An observer constructor (``with_args``) implementing this spec."""
         qmin, qmax = self.quant_range()
         if self.per_channel:
-            scheme = torch.per_channel_symmetric if self.symmetric else torch.per_channel_affine
             return quant.PerChannelMinMaxObserver.with_args(
-                dtype=self.dtype, qscheme=scheme, quant_min=qmin, quant_max=qmax)
-        scheme = torch.per_tensor_symmetric if self.symmetric else torch.per_tensor_affine
+                dtype=self.dtype, qscheme=self.qscheme(), quant_min=qmin, quant_max=qmax)
         observer = _OBSERVERS[self.observer]
         if observer is quant.HistogramObserver and self.bits < 8:
             observer = quant.NBitHistogramObserver
         return observer.with_args(
-            dtype=self.dtype, qscheme=scheme, quant_min=qmin, quant_max=qmax)
+            dtype=self.dtype, qscheme=self.qscheme(), quant_min=qmin, quant_max=qmax)
+
+    def fake_quant_factory(self, averaging_constant: float):
+        """A FakeQuantize constructor (``with_args``) for quantization-aware training: this
+        spec's dtype, scheme and quant_min/quant_max, observed by a moving-average min/max.
+
+        The values change as the model trains, so no observer that remembers every batch
+        (min/max, histogram) fits: ``averaging_constant`` 1 follows the current tensor only
+        (weights), smaller values average the recent batches' ranges (activations).
+
+        Example::
+
+            QuantSpec(bits=4).fake_quant_factory(0.01)()   # quint8-coded 0..15 fake quantizer
+        """
+        qmin, qmax = self.quant_range()
+        observer = quant.MovingAveragePerChannelMinMaxObserver if self.per_channel else quant.MovingAverageMinMaxObserver
+        return quant.FakeQuantize.with_args(observer=observer, dtype=self.dtype, qscheme=self.qscheme(),
+                                            quant_min=qmin, quant_max=qmax, averaging_constant=averaging_constant)
 
 
 @dataclass(frozen=True)
@@ -117,9 +137,10 @@ class Backend:
         return frozenset(targets)
 
     def qconfig_mapping(self, activation_observer: Optional[str] = None,
-                        gm: Optional[fx.GraphModule] = None) -> "quant.QConfigMapping":
+                        gm: Optional[fx.GraphModule] = None, qat: bool = False) -> "quant.QConfigMapping":
         """torch QConfigMapping for this backend; ``activation_observer`` overrides the observer
         (the fallback dry run uses cheap "minmax": it only needs to know which kernels run).
+        With ``qat``, fake quantizers of the same specs (``QuantSpec.fake_quant_factory``).
 
         Transposed convs take per-tensor weights (no per-channel kernel). That is set per module
         of ``gm``, not per type: torch requires every type inside a fused module to map to the
@@ -129,9 +150,9 @@ class Backend:
         if activation_observer is not None:
             activation = dataclasses.replace(activation, observer=activation_observer)
         per_tensor_weight = dataclasses.replace(self.weight, per_channel=False)
-        qconfig = quant.QConfig(activation=activation.observer_factory(), weight=self.weight.observer_factory())
-        transpose = quant.QConfig(activation=activation.observer_factory(), weight=per_tensor_weight.observer_factory())
-        mapping = quant.default_mapping(qconfig, transpose, self.torch_qconfig_base)
+        qconfig = _qconfig(activation, self.weight, qat)
+        transpose = _qconfig(activation, per_tensor_weight, qat)
+        mapping = quant.default_mapping(qconfig, transpose, self.torch_qconfig_base, qat=qat)
         for module_type in _TRANSPOSED_CONVS:  # the global qconfig, like the ReLU6 fused with them
             mapping.object_type_qconfigs.pop(module_type, None)
         for node in gm.graph.nodes if gm is not None else ():
@@ -146,6 +167,19 @@ class Backend:
             return f"backend {self.name!r} has no int8 kernel for {_describe(target, node)}"
         check = self.arg_checks.get(target)
         return check(gm, node) if check is not None else None
+
+
+#: QAT observers: weights quantized with their current range each step (Jacob et al. 2018),
+#: activations with a moving average of recent batch ranges (torch's QAT default constant).
+QAT_WEIGHT_AVERAGING = 1.0
+QAT_ACTIVATION_AVERAGING = 0.01
+
+
+def _qconfig(activation: QuantSpec, weight: QuantSpec, qat: bool) -> "quant.QConfig":
+    if qat:
+        return quant.QConfig(activation=activation.fake_quant_factory(QAT_ACTIVATION_AVERAGING),
+                             weight=weight.fake_quant_factory(QAT_WEIGHT_AVERAGING))
+    return quant.QConfig(activation=activation.observer_factory(), weight=weight.observer_factory())
 
 
 _TRANSPOSED_CONVS = (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
