@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import time
 from contextlib import contextmanager
@@ -15,7 +16,7 @@ from typing import Any, Iterable, Optional
 import torch
 import torch.nn as nn
 
-from fxq import modes, pipeline, stages, trace
+from fxq import modes, pipeline, precision, stages, trace
 from fxq.backends import Backend, get_backend
 from fxq.calibrate import as_args, calibrate, calibration_batches
 from fxq.distributed import sync_observers, unwrap_parallel
@@ -102,16 +103,37 @@ def quantize(model: nn.Module, example_inputs: Any, calibration_data: Optional[I
         batches = [example_inputs]  # nothing static to calibrate: no "calibrating on example_inputs" warning
     dump = stage_dumper(dump_dir)
     rewritten = rewrite(model, example_inputs, backend, mode, dump)
+    # the backend's precision splits (x86 without VNNI has two), all calibrated in one pass
+    splits = [rewritten] + [dataclasses.replace(rewritten, working=copy.deepcopy(rewritten.working), backend=other)
+                            for other in precision.candidates(backend, mode)[1:]]
     with stages.quantized_engine(backend.engine):
-        prepared, root = prepare_units(rewritten)
+        prepared = [prepare_units(split) for split in splits]
         with _timed(rewritten.timings, "calibrate"):
-            calibrate(root, calibration_batches(batches, example_inputs))
-            sync_observers(root)  # under torch.distributed: every rank's data, the same int8 model
-        dump.prepared(prepared, rewritten.plan.units)
-    qmodel = finish(rewritten, rewritten.working, prepared, dump)
+            fan_out = precision.CalibrationFanOut([root for _, root in prepared])
+            calibrate(fan_out, calibration_batches(batches, example_inputs))
+            sync_observers(fan_out)  # under torch.distributed: every rank's data, the same int8 model
+            chosen = _choose_split(splits, [units for units, _ in prepared], fan_out.kept)
+        dump.prepared(prepared[chosen][0], rewritten.plan.units)
+    qmodel = finish(splits[chosen], splits[chosen].working, prepared[chosen][0], dump)
     if target is not None:  # keep the most damaging layers float until the target is met
-        meet_target(target, model, qmodel, example_inputs, batches, held_out, backend)
+        meet_target(target, model, qmodel, example_inputs, batches, held_out, splits[chosen].backend)
     return qmodel
+
+
+def _choose_split(splits: list[Rewritten], prepared: list[dict[str, nn.Module]], kept: list) -> int:
+    """Index of the precision split whose int8 output is closest to float on the ``kept``
+    calibration batches; the choice goes into the report (see ``fxq.precision``)."""
+    if len(splits) == 1:
+        return 0
+    scores = []
+    for split, units in zip(splits, prepared):
+        # convert mutates what it converts: score copies, convert the chosen one for real later
+        converted = {path: stages.convert_unit(copy.deepcopy(unit), split.backend) for path, unit in units.items()}
+        root = _install(copy.deepcopy(split.working), converted)
+        scores.append(precision.score(root, stages.quantized_engine(split.backend.engine), kept))
+    chosen = precision.pick(scores)
+    splits[chosen].notes.append(precision.describe([split.backend for split in splits], scores, chosen))
+    return chosen
 
 
 @dataclass
@@ -176,6 +198,7 @@ def finish(rewritten: Rewritten, working: nn.Module, prepared: dict[str, nn.Modu
     dump.finish()
     report = _build_report(backend.name, plan, converted, rewritten.pass_records, timings, rewritten.notes)
     report.fp32_bytes, report.int8_bytes = rewritten.fp32_bytes, serialized_bytes(root)
+    report.precision = backend.precision
     float_graphs = {unit.path: unit.graph_module for unit in plan.units} if keep_float_graphs else {}
     return QuantizedModel(root, rewritten.signature, backend.engine, report, bind_by_signature="" in converted,
                           float_graphs=float_graphs)

@@ -35,6 +35,8 @@ class QuantizationReport:
     """Returned by :func:`fxq.report`; ``print`` it for a readable summary."""
 
     backend: str
+    #: the activation x weight bits of the int8 model, e.g. "8-bit activations x 7-bit weights"
+    precision: str = ""
     passes: dict[str, list[PassRecord]] = field(default_factory=dict)
     float_nodes: list[FloatNode] = field(default_factory=list)
     float_parts: dict[str, str] = field(default_factory=dict)
@@ -55,7 +57,8 @@ class QuantizationReport:
         return self.quantize_ops + self.dequantize_ops
 
     def __str__(self) -> str:
-        lines = [f"fxq quantization report (backend {self.backend})"]
+        precision = f", {self.precision}" if self.precision else ""
+        lines = [f"fxq quantization report (backend {self.backend}{precision})"]
         lines.append(f"  int8 ops: {self.quantized_ops}   float ops: {len(self.float_nodes)}   "
                      f"Q/DQ transitions: {self.quantize_ops} quantize + {self.dequantize_ops} dequantize")
         if self.fp32_bytes and self.int8_bytes:

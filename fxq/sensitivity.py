@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from fxq import precision
 from fxq.backends import get_backend
 from fxq.calibrate import as_args
 from fxq.compare import compare_layers, positional_args
@@ -72,7 +73,7 @@ def sensitivity(model: nn.Module, example_inputs: Any, calibration_data: Optiona
     qmodel = quantize(model, example_inputs, batches, backend)
     reference = _reference(model, held_out)
     result = Sensitivity(rank_layers(model, qmodel, held_out[0]), output_sqnr(model, qmodel, held_out, reference))
-    requantizer = Requantizer(model, qmodel, example_inputs, batches, backend)
+    requantizer = Requantizer(model, qmodel, example_inputs, batches, precision.split_used(backend, qmodel.report))
     for row in result.rows[:refine]:
         reason = "fxq.sensitivity: kept float alone"
         graphs, converted = requantizer.build({key: reason for key in row_nodes(qmodel, row)})

