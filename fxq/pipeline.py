@@ -23,7 +23,7 @@ from fxq.passes.choose_dynamic_layers import choose_dynamic_layers
 from fxq.passes.decompose_prelu import decompose_prelu
 from fxq.passes.decompose_silu import backend_needs_it as silu_needs_decomposing
 from fxq.passes.decompose_silu import decompose_silu
-from fxq.passes.fold_batchnorm import fold_batchnorm
+from fxq.passes.fold_batchnorm import TRANSPOSED_CONV_TYPES, fold_batchnorm
 from fxq.passes.functionalize_inplace import functionalize_inplace
 from fxq.passes.lower_batchnorm import lower_batchnorm
 from fxq.passes.merge_activations import merge_activations
@@ -60,8 +60,10 @@ def passes_for(backend: Backend, mode: str = "static", qat: bool = False) -> lis
         *([("decompose_silu", decompose_silu)] if silu_needs_decomposing(backend) else []),
         # Before BN folding, so an F.conv2d followed by BatchNorm folds like an nn.Conv2d.
         ("modularize_functional_convs", modularize_functional_convs),
-        # Not in QAT: torch's QAT ConvBn modules fold BN while training, with batch statistics.
-        *([] if qat else [("fold_batchnorm", fold_batchnorm)]),
+        # In QAT, torch's QAT ConvBn modules fold BN while training, with batch statistics;
+        # it has none for a transposed conv (its fuser raises), so those fold here.
+        ("fold_batchnorm", functools.partial(fold_batchnorm, producers=TRANSPOSED_CONV_TYPES) if qat
+         else fold_batchnorm),
         # Only BatchNorms that could not fold are left; those the backend has no kernel for
         # become per-channel affines (its own int8 BN measured more accurate where it exists).
         *([] if qat else [("lower_batchnorm", functools.partial(

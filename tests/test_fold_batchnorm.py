@@ -8,7 +8,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fxq.passes.base import float_reason
-from fxq.passes.fold_batchnorm import fold_batchnorm
+from fxq.passes.fold_batchnorm import TRANSPOSED_CONV_TYPES, fold_batchnorm
 from fxq.passes.lower_batchnorm import lower_batchnorm
 
 
@@ -296,6 +296,19 @@ def test_no_batchnorm_no_change():
         result = pass_fn(gm)
         assert not result.modified and result.changes == []
         assert op_sequence(gm) == before
+
+
+def test_producers_limits_what_folds():
+    """QAT folds only BatchNorms after a transposed conv (torch's QAT ConvBn modules fold the rest)."""
+    model = with_realistic_stats(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4),
+                                               nn.ConvTranspose2d(4, 4, 2, stride=2), nn.BatchNorm2d(4)), (2, 3, 6, 6))
+    x = torch.randn(2, 3, 6, 6)
+    gm = traced(model, x)
+    result = run(lambda g: fold_batchnorm(g, producers=TRANSPOSED_CONV_TYPES), gm, x)
+    assert result.changes == ["folded BatchNorm '3' into '2'"]
+    assert op_sequence(gm) == [("call_module", "Conv2d"), ("call_module", "BatchNorm2d"),
+                               ("call_module", "ConvTranspose2d")]
+    assert_close_to_eager(gm, model, x)
 
 
 def test_fold_then_lower_idempotent():

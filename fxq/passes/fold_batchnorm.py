@@ -38,7 +38,8 @@ PASS_NAME = "fold_batchnorm"
 
 # Exact types: subclasses (QAT modules, parametrized weights) compute their weight differently.
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_TRANSPOSED_CONV_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+TRANSPOSED_CONV_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+PRODUCER_TYPES = (*_CONV_TYPES, *TRANSPOSED_CONV_TYPES, nn.Linear)
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,9 @@ class _Fold:
     fused: nn.Module
 
 
-def fold_batchnorm(gm: fx.GraphModule) -> PassResult:
-    """Fold each BatchNorm whose only input is a single-user conv/Linear into that module."""
+def fold_batchnorm(gm: fx.GraphModule, producers: tuple = PRODUCER_TYPES) -> PassResult:
+    """Fold each BatchNorm whose only input is a single-user conv/Linear into that module;
+    ``producers`` narrows which module types fold (QAT folds transposed convs only)."""
     folds: list[_Fold] = []
     for node in gm.graph.nodes:
         bn = batchnorm_called_by(gm, node)
@@ -59,22 +61,22 @@ def fold_batchnorm(gm: fx.GraphModule) -> PassResult:
         if reason is not None:
             keep_float(node, f"BatchNorm '{node.target}' stays float: {reason}")
             continue
-        producer = _foldable_producer(gm, node, bn)
+        producer = _foldable_producer(gm, node, bn, producers)
         if producer is not None:
             folds.append(_Fold(node, producer, fuse_into(get_module(gm, producer), bn)))
     shared_targets = _targets_not_safe_to_replace(gm)
     return finish(gm, [_apply(gm, fold, shared_targets) for fold in folds])
 
 
-def _foldable_producer(gm: fx.GraphModule, bn_node: fx.Node, bn: nn.Module) -> Optional[fx.Node]:
+def _foldable_producer(gm: fx.GraphModule, bn_node: fx.Node, bn: nn.Module, producers: tuple) -> Optional[fx.Node]:
     """The conv/Linear node that ``bn_node`` can be folded into, else None."""
     producer = bn_node.args[0]
     if not isinstance(producer, fx.Node) or len(producer.users) != 1:
         return None
     module = get_module(gm, producer)
-    if module is None or has_hooks(module) or float_reason(producer) is not None:
+    if module is None or type(module) not in producers or has_hooks(module) or float_reason(producer) is not None:
         return None
-    if type(module) in _CONV_TYPES + _TRANSPOSED_CONV_TYPES:
+    if type(module) in _CONV_TYPES + TRANSPOSED_CONV_TYPES:
         channels = module.out_channels
     elif type(module) is nn.Linear:
         # Linear mixes the last dim; BN1d normalizes dim 1: the same dim only for (N, C).
@@ -109,7 +111,7 @@ def _scale_output_channels(
     module: nn.Module, weight: torch.Tensor, scale: torch.Tensor
 ) -> torch.Tensor:
     """``weight`` with every output channel ``o`` multiplied by ``scale[o]``."""
-    if type(module) not in _TRANSPOSED_CONV_TYPES:
+    if type(module) not in TRANSPOSED_CONV_TYPES:
         # Conv (C_out, C_in/groups, *k) and Linear (C_out, C_in): output channels lead.
         return weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
     # Transposed conv weight is (C_in, C_out/groups, *k); output channel o of group g is
