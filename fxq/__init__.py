@@ -15,6 +15,7 @@ from fxq.calibrate import FxqWarning
 from fxq.distributed import sync_observers
 from fxq.errors import (BackendError, CalibrationError, DistributedError, FxqError, InvalidInputError,
                         QuantizationFailure, RewriteError, TraceFailure)
+from fxq.qat import QATModel, convert, freeze_bn, freeze_observers, prepare_qat
 from fxq.report import QuantizationReport, report
 from fxq.compare import Comparison, compare
 from fxq.fallback import FallbackRecord, Target
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Comparison", "compare", "dump_graph", "export_torchscript", "load", "save", "to_networkx",
     "FallbackRecord", "Sensitivity", "Target", "sensitivity",
+    "QATModel", "convert", "freeze_bn", "freeze_observers", "prepare_qat",
     "Backend", "BackendError", "CalibrationError", "DistributedError", "FxqError", "FxqWarning", "InvalidInputError",
     "QuantSpec", "QuantizationFailure", "QuantizationReport", "QuantizedModel", "RewriteError",
     "TraceFailure", "get_backend", "list_backends", "quantize", "reference_backend", "register_backend", "report",
