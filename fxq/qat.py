@@ -21,6 +21,7 @@ from fxq import quant
 from fxq.api import QuantizedModel, Rewritten, call_traced, check_inputs, finish, prepare_units, rewrite
 from fxq.backends import get_backend
 from fxq.calibrate import FxqWarning
+from fxq.distributed import sync_observers
 from fxq.dump import stage_dumper
 from fxq.errors import CalibrationError, InvalidInputError
 from fxq.passes.channel_affine import BATCHNORM_TYPES
@@ -91,14 +92,15 @@ def freeze_bn(prepared: QATModel) -> QATModel:
 def freeze_observers(prepared: QATModel) -> QATModel:
     """Fix every scale and zero point: fake quantization goes on with the ranges seen so far.
 
-    Under torch.distributed, each rank's observers saw only its own batches: they are to be
-    synced across ranks (``fxq.distributed.sync_observers``) here, before they are disabled.
+    Under torch.distributed, each rank's observers saw only its own batches: they are merged
+    over the ranks here (``fxq.sync_observers``), before they are disabled.
 
     Example::
 
         fxq.freeze_observers(prepared)   # the last epoch trains with the int8 model's qparams
     """
     _check_prepared(prepared, "fxq.freeze_observers")
+    sync_observers(prepared.model)
     quant.disable_observers(prepared.model)
     return prepared
 
@@ -107,8 +109,8 @@ def convert(prepared: QATModel) -> QuantizedModel:
     """The int8 model of a trained ``prepared``: the ``QuantizedModel`` (and report) that
     ``fxq.quantize`` builds. ``prepared`` is left as it was, so training may go on.
 
-    Under torch.distributed, observers still enabled are to be synced across ranks
-    (``fxq.distributed.sync_observers``) here first, so every rank converts the same model.
+    Under torch.distributed, observers and BatchNorm statistics are merged over the ranks here
+    first (``fxq.sync_observers``, on the copy), so every rank converts the same model.
 
     Example::
 
@@ -123,6 +125,7 @@ def convert(prepared: QATModel) -> QuantizedModel:
                                "model, or at least run batches through it, before freeze_observers and convert")
     rewritten = dataclasses.replace(prepared.rewritten, timings=dict(prepared.rewritten.timings))
     working = copy.deepcopy(prepared.model).eval()  # converting mutates modules in place
+    sync_observers(working)
     units = {unit.path: working.get_submodule(unit.path) for unit in rewritten.plan.units}
     # No float graphs: the rewritten ones hold the weights from before training, so
     # fxq.compare and the sensitivity tools would measure against the wrong model.

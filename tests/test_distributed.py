@@ -1,9 +1,9 @@
-"""Calibration under torch.distributed (issue #4): observer statistics merged over ranks.
+"""Calibration and QAT under torch.distributed (issue #4): observer statistics merged over ranks.
 
-Two gloo ranks (spawned processes) calibrate the same model on different data. Every rank
-must end with the same int8 model: with min/max observers exactly the one a single process
-calibrates on both ranks' data together, with histogram and moving-average observers close
-to it. Each spawn runs every case once and writes its results to files the tests read.
+Two gloo ranks (spawned processes) calibrate the same model on different data, or train it
+through DDP. Every rank must end with the same int8 model: with min/max observers exactly the
+one a single process calibrates on both ranks' data together, with histogram and moving-average
+observers close to it. One spawn runs every case and writes its results to files the tests read.
 """
 import dataclasses
 import datetime
@@ -132,7 +132,7 @@ def _assert_same(a: dict, b: dict) -> None:
 
 
 def _spawn(worker, workdir) -> list[dict]:
-    """Run ``worker(rank, workdir)`` on WORLD_SIZE gloo ranks; their ``rank<N>.pt`` results."""
+    """Run ``worker(rank)`` on WORLD_SIZE gloo ranks; return what each returned (via ``rank<N>.pt``)."""
     context = mp.start_processes(_init_and_run, args=(worker, str(workdir)), nprocs=WORLD_SIZE,
                                  join=False, start_method="spawn")
     deadline = time.monotonic() + SPAWN_DEADLINE_SECONDS
@@ -161,6 +161,7 @@ def _calibrate_on_rank(rank: int) -> dict:
     results["plain_ddp"] = _observed_through_ddp(rank, sync=False, with_grad=False)
     results["plain_ddp_training"] = _observed_through_ddp(rank, sync=False, with_grad=True)
     results["ddp_synced"] = _observed_through_ddp(rank, sync=True, with_grad=False)
+    results["qat"] = _train_qat(rank)
     results["zoo"] = _sync_observer_zoo(rank)
     results["mismatch"] = _mismatched_observers(rank)
     return results
@@ -191,6 +192,23 @@ def _observed_through_ddp(rank: int, sync: bool, with_grad: bool) -> dict:
     if sync:
         fxq.sync_observers(ddp)
     return quant.observer_state(ddp.module)
+
+
+def _train_qat(rank: int) -> dict:
+    """A few SGD steps of QAT through DDP on this rank's batches, then freeze and convert."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = fxq.prepare_qat(_model(), EXAMPLE_INPUTS)
+        ddp = nn.parallel.DistributedDataParallel(prepared)
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01)
+        for batch in _batches(rank):
+            optimizer.zero_grad()
+            ddp(batch).square().mean().backward()
+            optimizer.step()
+        fxq.freeze_bn(prepared)
+        trained = {key: value.clone() for key, value in prepared.state_dict().items()}
+        fxq.freeze_observers(prepared)
+        return {"trained": trained, "converted": _tensors(fxq.convert(prepared))}
 
 
 def _observer_zoo() -> nn.ModuleDict:
@@ -319,6 +337,22 @@ def _range_scale_difference(ranges: dict, reference: dict) -> float:
     def scale(low, high):
         return max(high, 0.0) - min(low, 0.0)
     return max(abs(scale(*ranges[key]) / scale(*reference[key]) - 1) for key in reference)
+
+
+def test_qat_through_ddp_converts_the_same_int8_model_on_every_rank(ranks):
+    converted = [ranks[rank]["qat"]["converted"] for rank in range(WORLD_SIZE)]
+    assert any(key.endswith(".int8") for key in converted[0])
+    _assert_same(converted[0], converted[1])
+
+
+def test_qat_through_ddp_leaves_ranks_with_different_statistics_until_synced(ranks):
+    """DDP keeps weights equal, but each rank's last batch updates its own observers and BN
+    running statistics: without the sync in freeze_observers the int8 models would differ."""
+    trained = [ranks[rank]["qat"]["trained"] for rank in range(WORLD_SIZE)]
+    differing = {key for key in trained[0] if not torch.equal(trained[0][key], trained[1][key])}
+    assert any(key.endswith("min_val") or key.endswith("max_val") for key in differing)
+    assert any(key.endswith("bn.running_mean") for key in differing)
+    assert not any(key.endswith("weight") for key in differing)
 
 
 # ---- every observer kind, merged (the zoo) ---------------------------------------------------------
