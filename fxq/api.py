@@ -109,10 +109,12 @@ def quantize(model: nn.Module, example_inputs: Any, calibration_data: Optional[I
     with stages.quantized_engine(backend.engine):
         prepared = [prepare_units(split) for split in splits]
         with _timed(rewritten.timings, "calibrate"):
-            fan_out = precision.CalibrationFanOut([root for _, root in prepared])
-            calibrate(fan_out, calibration_batches(batches, example_inputs))
+            held_out_scoring, calibration = precision.hold_out(model, calibration_batches(batches, example_inputs),
+                                                               len(splits))
+            fan_out = precision.CalibrationFanOut([root for _, root in prepared], keep=0 if held_out_scoring else None)
+            calibrate(fan_out, calibration)
             sync_observers(fan_out)  # under torch.distributed: every rank's data, the same int8 model
-            chosen = _choose_split(splits, [units for units, _ in prepared], fan_out.kept)
+            chosen = _choose_split(splits, [units for units, _ in prepared], held_out_scoring or fan_out.kept)
         dump.prepared(prepared[chosen][0], rewritten.plan.units)
     qmodel = finish(splits[chosen], splits[chosen].working, prepared[chosen][0], dump)
     if target is not None:  # keep the most damaging layers float until the target is met

@@ -14,13 +14,15 @@ closest to float on the first calibration batches is kept.
 """
 from __future__ import annotations
 
+import copy
 import math
-from typing import Any, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from fxq.backends.base import Backend
+from fxq.calibrate import as_args
 from fxq.tensors import clone_inputs, sqnr_db
 
 #: Calibration batches kept to score the candidates on.
@@ -39,10 +41,10 @@ class CalibrationFanOut(nn.Module):
     """Feeds each batch to every candidate's prepared model, keeping the first few batches and
     the float output (a prepared model still computes in float) to score the candidates on."""
 
-    def __init__(self, prepared_models: Sequence[nn.Module], keep: int = SCORING_BATCHES):
+    def __init__(self, prepared_models: Sequence[nn.Module], keep: Optional[int] = None):
         super().__init__()
         self.candidates = nn.ModuleList(prepared_models)
-        self.keep = keep if len(prepared_models) > 1 else 0
+        self.keep = (SCORING_BATCHES if keep is None else keep) if len(prepared_models) > 1 else 0
         self.kept: list[tuple[tuple, Any]] = []
 
     def forward(self, *args: Any) -> Any:
@@ -51,6 +53,24 @@ class CalibrationFanOut(nn.Module):
         if kept_args is not None:
             self.kept.append((kept_args, outputs[0]))
         return outputs[0]
+
+
+def hold_out(model: nn.Module, batches: Iterable, candidate_count: int) -> tuple[list, Iterable]:
+    """(scoring batches with the float model's outputs, the batches left to calibrate on).
+
+    Scores on batches the observers saw favour the split whose ranges fit them best (measured:
+    mobilenet_v3_small scored +1.9 dB for 8-bit activations in-sample, -1.1 dB on fresh
+    inputs). So with several candidates and a sized batch list of at least 4, the first
+    ``SCORING_BATCHES`` are held out of calibration; otherwise the fan-out keeps in-sample ones.
+    """
+    if candidate_count < 2 or not hasattr(batches, "__len__") or len(batches) < 2 * SCORING_BATCHES:
+        return [], batches
+    batches = list(batches)
+    reference_model = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        scoring = [(as_args(batch), reference_model(*clone_inputs(as_args(batch))))
+                   for batch in batches[:SCORING_BATCHES]]
+    return scoring, batches[SCORING_BATCHES:]
 
 
 def score(converted: nn.Module, engine_context, kept: list[tuple[tuple, Any]]) -> float:

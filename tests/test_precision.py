@@ -8,7 +8,7 @@ from torch import nn
 
 import fxq
 from fxq import precision
-from fxq.backends.x86 import x86
+from fxq.backends.x86 import PRODUCT_BITS, x86
 from fxq.tensors import sqnr_db
 from seed_models import make_standalone_bn_net
 
@@ -19,8 +19,13 @@ def _quantize(model, example_inputs, batches, **kwargs):
         return fxq.quantize(model, example_inputs, calibration_data=batches, **kwargs)
 
 
-def test_x86_offers_two_15_bit_splits_exactly_when_the_cpu_lacks_vnni():
-    splits = (x86, *x86.alternatives)
+#: x86 trying both 15-bit splits (opt-in: see fxq/backends/x86.py); plain x86 where VNNI has 16 bits
+X86_BOTH_SPLITS = x86 if PRODUCT_BITS is None else dataclasses.replace(x86, max_product_bits=PRODUCT_BITS)
+
+
+def test_x86_uses_torchs_split_and_offers_the_other_as_an_opt_in():
+    assert x86.alternatives == ()
+    splits = (X86_BOTH_SPLITS, *X86_BOTH_SPLITS.alternatives)
     if torch.cpu._is_vnni_supported():
         assert [b.precision for b in splits] == ["8-bit activations x 8-bit weights"]
     else:
@@ -30,8 +35,8 @@ def test_x86_offers_two_15_bit_splits_exactly_when_the_cpu_lacks_vnni():
 
 
 def test_simulation_of_a_backend_simulates_its_alternatives_too():
-    simulated = fxq.simulation_of(x86)
-    assert [b.precision for b in simulated.alternatives] == [b.precision for b in x86.alternatives]
+    simulated = fxq.simulation_of(X86_BOTH_SPLITS)
+    assert [b.precision for b in simulated.alternatives] == [b.precision for b in X86_BOTH_SPLITS.alternatives]
     assert all(b.reference and b.engine is None for b in simulated.alternatives)
 
 
@@ -129,9 +134,9 @@ def test_a_backend_without_alternatives_adds_no_precision_note():
 @pytest.mark.skipif(torch.cpu._is_vnni_supported(), reason="with VNNI x86 has one split; nothing is chosen")
 def test_x86_without_vnni_reports_its_choice_on_a_seed_model():
     fixture = make_standalone_bn_net()
-    qmodel = _quantize(fixture.model, fixture.example_inputs, fixture.calibration)
+    qmodel = _quantize(fixture.model, fixture.example_inputs, fixture.calibration, backend=X86_BOTH_SPLITS)
     notes = [note for note in fxq.report(qmodel).notes if note.startswith("precision:")]
     assert len(notes) == 1
-    assert all(split.precision in notes[0] for split in (x86, *x86.alternatives))
-    used = precision.split_used(x86, qmodel.report)  # what sensitivity/fallback re-quantize with
+    assert all(split.precision in notes[0] for split in (X86_BOTH_SPLITS, *X86_BOTH_SPLITS.alternatives))
+    used = precision.split_used(X86_BOTH_SPLITS, qmodel.report)  # what sensitivity/fallback re-quantize with
     assert used.precision == qmodel.report.precision and f"kept {used.precision}" in notes[0]

@@ -8,7 +8,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 import fxq
-from fxq.backends.x86 import x86
+from fxq.backends.x86 import PRODUCT_BITS, x86
 from fxq.quant import nnqr
 from metrics import sqnr_db
 from seed_models import SEED_MODELS
@@ -126,7 +126,8 @@ def _output_step(output: torch.Tensor) -> float:
 
 #: x86 and each precision split it may choose (two without VNNI), alone: int8 and simulation
 #: score the splits on slightly different outputs, so with both offered they may pick differently.
-X86_SPLITS = [dataclasses.replace(split, max_product_bits=None) for split in (x86, *x86.alternatives)]
+_X86_BOTH = dataclasses.replace(x86, max_product_bits=PRODUCT_BITS)
+X86_SPLITS = [dataclasses.replace(split, max_product_bits=None) for split in (_X86_BOTH, *_X86_BOTH.alternatives)]
 
 
 @pytest.mark.parametrize("split", X86_SPLITS, ids=[split.precision for split in X86_SPLITS])
@@ -136,7 +137,7 @@ def test_simulation_of_x86_matches_x86_int8_within_one_step(name, split):
     int8 = _quantize(fixture.model, fixture.example_inputs, fixture.calibration, split)
     simulated = _quantize(fixture.model, fixture.example_inputs, fixture.calibration, fxq.simulation_of(split))
     torch.manual_seed(1234)
-    inputs = tuple(torch.randn_like(t) for t in fixture.example_inputs)
+    inputs = fixture.sample()
     with torch.no_grad():
         expected, simulated_out = int8(*inputs), simulated(*inputs)
     step = _output_step(expected)

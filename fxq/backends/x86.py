@@ -24,20 +24,22 @@ def build_x86_backend_config() -> "quant.BackendConfig":
 
 
 #: Without VNNI, fbgemm multiplies uint8 x int8 pairs into saturating int16 lanes (measured:
-#: 8 x 8 bits lost 1 to 20 dB against either 15-bit split), so one spec gives up a bit.
-#: torch's choice, 7-bit activations, is listed first; 7-bit weights, its alternative, win on
-#: most models (fxq.precision calibrates both and keeps the better one).
-_PRODUCT_BITS = None if torch.cpu._is_vnni_supported() else 15
+#: 8 x 8 bits lost 1 to 20 dB against either 15-bit split), so one spec gives up a bit: torch's
+#: choice, 7-bit activations. ``dataclasses.replace(x86, max_product_bits=15)`` also tries 8-bit
+#: activations x 7-bit weights and keeps the better (fxq.precision); not the default, because
+#: judged on the few calibration batches fxq can hold out it picked the worse split on
+#: mobilenet_v3_small (see docs/backends.md).
+PRODUCT_BITS = None if torch.cpu._is_vnni_supported() else 15
 
 x86 = Backend(
     name="x86",
     engine="x86",
     build_backend_config=build_x86_backend_config,
-    activation=dataclasses.replace(ACTIVATION, reduce_range=_PRODUCT_BITS is not None),
+    activation=dataclasses.replace(ACTIVATION, reduce_range=PRODUCT_BITS is not None),
     weight=WEIGHT,
     native_prelu=False,  # torch's quantized PReLU saturates the positive branch; see decompose_prelu
     torch_qconfig_base="x86",
     arg_checks=tables.FXQ_ARG_CHECKS,
     int8_passthrough_ops=frozenset(tables.EXTRA_SHARED_QPARAMS_OPS),
-    max_product_bits=_PRODUCT_BITS,
+    max_product_bits=None,
 )
