@@ -20,11 +20,10 @@ NUM_FRESH_BATCHES = 4
 ERROR_WIDTH = 90
 
 
-def _fresh_inputs(example_inputs: tuple) -> list:
-    # Every fixture draws its inputs from a standard normal, so randn_like is the same distribution.
+def _fresh_inputs(sample) -> list:
     generator_state = torch.get_rng_state()
     torch.manual_seed(1234)
-    batches = [tuple(torch.randn_like(t) for t in example_inputs) for _ in range(NUM_FRESH_BATCHES)]
+    batches = [sample() for _ in range(NUM_FRESH_BATCHES)]
     torch.set_rng_state(generator_state)
     return batches
 
@@ -55,7 +54,7 @@ def measure(name: str, make_fixture) -> dict:
     start = time.perf_counter()
     fixture = make_fixture()
     built = time.perf_counter()
-    fresh = _fresh_inputs(fixture.example_inputs)
+    fresh = _fresh_inputs(fixture.sample)
     reference = _outputs(fixture.model, fresh)
     ran = time.perf_counter()
     outcome = _plain_fx_outcome(fixture, fresh, reference)

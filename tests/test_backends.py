@@ -240,7 +240,7 @@ W4_SEED_SQNR_FLOOR = {"relu6_net": 18.0, "control_flow_net": 15.0, "hf_style_net
 
 def _fresh_inputs(fixture):
     torch.manual_seed(1234)
-    return tuple(torch.randn_like(t) if t.is_floating_point() else t for t in fixture.example_inputs)
+    return fixture.sample()
 
 
 @pytest.fixture(scope="module")

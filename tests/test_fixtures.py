@@ -9,7 +9,7 @@ from torch import nn
 
 from digits import DigitsPReLUNet, DigitsReLU6Net, accuracy, load_digits_split, train
 from metrics import sqnr_db
-from seed_models import NUM_CALIBRATION_BATCHES, SEED_MODELS
+from seed_models import NUM_CALIBRATION_BATCHES, SEED_MODELS, build_lipreading_net
 from zoo import make_zoo_model
 
 DIGITS_ACCURACY_FLOOR = 0.95
@@ -26,13 +26,13 @@ def _has_default_statistics(norm) -> bool:
 
 @pytest.mark.parametrize("name", sorted(SEED_MODELS))
 def test_seed_model_runs_eagerly_in_eval_mode(name):
-    model, example_inputs, calibration = SEED_MODELS[name]()
+    model, example_inputs, calibration, sample = SEED_MODELS[name]()
     assert not model.training
     with torch.no_grad():
         output = model(*example_inputs)
     assert torch.isfinite(output).all()
     assert len(calibration) == NUM_CALIBRATION_BATCHES
-    for inputs in calibration:
+    for inputs in [*calibration, sample()]:
         assert [t.shape for t in inputs] == [t.shape for t in example_inputs]
 
 
@@ -42,9 +42,9 @@ def test_seed_model_batchnorm_statistics_come_from_data(name):
     assert not any(_has_default_statistics(norm) for norm in _batchnorms(model))
 
 
-@pytest.mark.parametrize("name", ["prelu_net", "lipreading_net"])
-def test_seed_model_is_deterministic(name):
-    first, second = SEED_MODELS[name](), SEED_MODELS[name]()
+@pytest.mark.parametrize("build", [SEED_MODELS["prelu_net"], build_lipreading_net], ids=["prelu_net", "lipreading_net"])
+def test_seed_model_is_deterministic(build):
+    first, second = build(), build()  # lipreading_net: trained twice, uncached
     with torch.no_grad():
         torch.testing.assert_close(first.model(*first.example_inputs),
                                    second.model(*second.example_inputs), rtol=0, atol=0)
@@ -58,7 +58,7 @@ def test_static_and_dynamic_same_padding_agree():
 
 
 def test_zoo_model_has_recalibrated_batchnorm():
-    model, example_inputs, calibration = make_zoo_model("resnet18")
+    model, example_inputs, calibration, _ = make_zoo_model("resnet18")
     assert not model.training and calibration
     assert not any(_has_default_statistics(norm) for norm in _batchnorms(model))
     with torch.no_grad():

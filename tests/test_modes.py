@@ -183,18 +183,17 @@ def test_auto_mode_on_a_cnn_keeps_convs_static_and_the_logits_dynamic():
 def lipreading():
     fixture = SEED_MODELS["lipreading_net"]()
     torch.manual_seed(1234)
-    fresh = torch.randn_like(fixture.example_inputs[0])
+    fresh = fixture.sample()[0]
     with torch.no_grad():
         reference = fixture.model(fresh)
     return fixture, fresh, reference
 
 
 def test_seed_002_auto_mode(lipreading):
-    """Seed 002 in one call: static convs, dynamic bidirectional GRU and classifier.
+    """Seed 002 in one call: static convs, dynamic bidirectional GRU and classifier, >= 20 dB.
 
-    SQNR is bounded by the random-init ResNet-18 trunk in static int8 (8.3 dB measured for
-    static mode; dynamic mode, trunk float, reaches 34.7 dB), so auto is asserted to be as
-    good as static (within 0.1 dB: 8.52 static vs 8.51 auto measured), not to reach 20 dB.
+    The fixture is trained briefly on synthetic mouth clips (tests/seed_models.py says why a
+    random-init one cannot reach 20 dB in any int8 scheme).
     """
     fixture, fresh, reference = lipreading
     auto, static = _quantize(fixture, "auto"), _quantize(fixture, "static")
@@ -203,7 +202,7 @@ def test_seed_002_auto_mode(lipreading):
     with torch.no_grad():
         auto_db, static_db = sqnr_db(reference, auto(fresh)), sqnr_db(reference, static(fresh))
     print(f"\nseed 002 SQNR: static {static_db:.2f} dB, auto {auto_db:.2f} dB")
-    assert auto_db >= static_db - 0.1
+    assert auto_db >= 20.0 and auto_db >= static_db - 0.5
     reasons = {node.node: node.reason for node in auto.report.float_nodes}
     assert reasons["gru"].startswith("dynamic int8: recurrent layer")
     assert reasons["classifier"].startswith("dynamic int8: Linear fed by a float value")

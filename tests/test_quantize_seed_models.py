@@ -22,14 +22,15 @@ SQNR_FLOOR = {
     "same_pad_dynamic_net": 20.0,
     "hf_style_net": 20.0,
     "hf_style_toplevel_net": 20.0,
-    "standalone_bn_net": 20.0,
+    "lipreading_net": 20.0,
 }
 #: Seed models below 20 dB, for reasons of the fixture rather than of fxq's rewrites; they must
 #: not be worse than plain FX by more than 0.5 dB:
-#: - lipreading_net: a random-init ResNet-18 trunk on 4x4..1x1 feature maps, whose BatchNorms,
-#:   recalibrated over 16 frames, divide by tiny between-sample spreads. Quantizing only its conv
-#:   and linear weights (8-bit per-channel, activations float) already gives 15.4 dB.
-BELOW_TARGET = {"lipreading_net"}
+#: - standalone_bn_net: BatchNorm1d after a 64-pixel average of random (spatially independent)
+#:   features re-amplifies that average 8x; independent rounding noise averages away with the
+#:   signal, but the systematic part of the error does not (measured: 27.5 dB before the pool,
+#:   16.6 dB after). Real images are spatially correlated, so pooled features keep their spread.
+BELOW_TARGET = {"standalone_bn_net"}
 
 
 def _quantize(fixture, **kwargs):
@@ -40,7 +41,7 @@ def _quantize(fixture, **kwargs):
 
 def _fresh_inputs(fixture):
     torch.manual_seed(1234)
-    return tuple(torch.randn_like(t) if t.is_floating_point() else t for t in fixture.example_inputs)
+    return fixture.sample()
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ def quantized_seeds():
 
 def _fresh(fixture):
     torch.manual_seed(7)
-    return tuple(torch.randn_like(t) for t in fixture.example_inputs)
+    return fixture.sample()
 
 
 @pytest.mark.parametrize("name", sorted(SEED_MODELS))

@@ -63,4 +63,5 @@ def make_zoo_model(name: str, image_size: int = 64, batch_size: int = 2) -> Fixt
                      for _ in range(BATCHNORM_RECALIBRATION_BATCHES)]
     model = recalibrate_batchnorm(model, recalibration)
     calibration = [_image_batch(batch_size, image_size) for _ in range(NUM_CALIBRATION_BATCHES)]
-    return Fixture(model, _image_batch(batch_size, image_size), calibration)
+    return Fixture(model, _image_batch(batch_size, image_size), calibration,
+                   lambda: _image_batch(batch_size, image_size))
