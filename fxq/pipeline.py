@@ -23,6 +23,7 @@ from fxq.passes.choose_dynamic_layers import choose_dynamic_layers
 from fxq.passes.decompose_prelu import decompose_prelu
 from fxq.passes.decompose_silu import backend_needs_it as silu_needs_decomposing
 from fxq.passes.decompose_silu import decompose_silu
+from fxq.passes.drop_inference_identities import drop_inference_identities
 from fxq.passes.fold_batchnorm import TRANSPOSED_CONV_TYPES, fold_batchnorm
 from fxq.passes.functionalize_inplace import functionalize_inplace
 from fxq.passes.lower_batchnorm import lower_batchnorm
@@ -50,6 +51,8 @@ def passes_for(backend: Backend, mode: str = "static", qat: bool = False) -> lis
     passes: list[Pass] = [
         # First: every later pattern assumes each value is written exactly once.
         ("functionalize_inplace", functionalize_inplace),
+        # Stochastic depth and dropout traced in eval mode are identities with no int8 kernel.
+        ("drop_inference_identities", drop_inference_identities),
         # Pattern tables name torch.add, not x.add: spell methods the way backends match them.
         ("canonicalize_methods", canonicalize_methods),
         # Tuple-returning splits have no int8 pattern; their pieces as narrow views do.

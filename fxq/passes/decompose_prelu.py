@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
-import torch.ao.nn.intrinsic as nni
 import torch.fx as fx
 from torch import nn
 
@@ -35,6 +34,7 @@ from fxq.passes.base import (
     tensor_shape,
 )
 from fxq.passes.channel_affine import CHANNEL_AFFINE_RANKS, build_channel_affine, has_hooks
+from fxq.quant import nni
 
 PASS_NAME = "decompose_prelu"
 

@@ -1,0 +1,54 @@
+"""Pattern: ``stochastic_depth(x, p, mode, training=False)``, ``F.dropout(x, p, training=False)``.
+
+Rewrite: ``x``. Traced in eval mode, torchvision's EfficientNet, ConvNeXt and Swin blocks call
+``torchvision.ops.stochastic_depth`` with the constant ``training=False``: the identity. No
+backend has a kernel for it, so left in it put a float island (a dequantize/quantize pair) in
+every residual block (measured: efficientnet_b0 11, efficientnet_b7 50 Q/DQ pairs, and int8
+no faster than fp32). Exact. A call that may train (``training`` True or not a constant) stays.
+"""
+from __future__ import annotations
+
+import torch.fx as fx
+import torch.nn.functional as F
+
+from fxq.passes.base import PassResult, finish
+
+NAME = "drop_inference_identities"
+
+
+def _identity_targets() -> dict:
+    """function -> position of its ``training`` argument (its default is True for all of them)."""
+    targets = {F.dropout: 2, F.dropout1d: 2, F.dropout2d: 2, F.dropout3d: 2, F.alpha_dropout: 2,
+               F.feature_alpha_dropout: 2}
+    try:
+        from torchvision.ops import stochastic_depth
+    except ImportError:  # torchvision is optional for fxq's users
+        return targets
+    return {**targets, stochastic_depth: 3}
+
+
+IDENTITY_WHEN_NOT_TRAINING = _identity_targets()
+
+
+def _is_inference_identity(node: fx.Node) -> bool:
+    position = IDENTITY_WHEN_NOT_TRAINING.get(node.target) if node.op == "call_function" else None
+    if position is None:
+        return False
+    training = node.kwargs.get("training", node.args[position] if len(node.args) > position else True)
+    return training is False and bool(node.args) and isinstance(node.args[0], fx.Node)
+
+
+def drop_inference_identities(gm: fx.GraphModule) -> PassResult:
+    """Replace stochastic depth and dropout calls traced with ``training=False`` by their input.
+
+    Example::
+
+        gm = torch.fx.symbolic_trace(block.eval())  # x + stochastic_depth(f(x), 0.2, "row", False)
+        drop_inference_identities(gm)                 # x + f(x)
+    """
+    plan = [node for node in gm.graph.nodes if _is_inference_identity(node)]
+    for node in plan:
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+    return finish(gm, [f"{node.name}: {getattr(node.target, '__name__', node.target)}(training=False) -> its input"
+                       for node in plan])
