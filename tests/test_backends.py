@@ -202,6 +202,7 @@ def _fused_pattern_cases():
 @pytest.mark.parametrize("backend_name,kind", list(_fused_pattern_cases()))
 def test_fused_patterns_leave_no_activation_op_and_match_float(backend_name, kind):
     shape = (4, 8, 8, 8) if kind == "add_mul" else _CONVS[kind][2]
+    torch.manual_seed(0)  # the weights, whatever tests ran before (qnnpack-conv1d: 24.1 dB once)
     model = _warm_batchnorm(AddMulReLU() if kind == "add_mul" else Chain(kind), shape)
     torch.manual_seed(1)
     batches = [torch.randn(shape) for _ in range(4)]
