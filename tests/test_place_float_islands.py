@@ -13,7 +13,7 @@ from fxq import pipeline, quant, stages
 from fxq.calibrate import calibrate
 from fxq.float_op import FloatOp
 from fxq.passes.base import float_reason
-from fxq.passes.place_float_islands import GROWN_REASON, decide_float_nodes, place_float_islands
+from fxq.passes.place_float_islands import GROWN_REASON, INPUT_REASON, decide_float_nodes, place_float_islands
 from fxq.passes.run_shared_ops_in_int8 import run_shared_ops_in_int8
 
 X86 = fxq.get_backend("x86")
@@ -82,6 +82,55 @@ def test_grown_island_saves_transitions_in_the_int8_model():
         report = fxq.report(fxq.quantize(model, x))
     # int8 in -> conv1 -> [sin, reshapes, softplus] float -> conv2 -> [sin] float -> conv3 -> out
     assert (report.quantize_ops, report.dequantize_ops) == (3, 3)
+
+
+class NormalizedInput(nn.Module):
+    """Input preprocessing in forward: a normalizing BatchNorm, then a shift and a scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.conv = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x):
+        return self.conv((self.bn(x) + 0.25) * 0.5)
+
+
+class InputSharedWithConv(nn.Module):
+    """The raw input also feeds an int8 conv: it is quantized anyway, so the BN stays int8."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.conv_a, self.conv_b = nn.Conv2d(3, 8, 3), nn.Conv2d(3, 8, 3)
+
+    def forward(self, x):
+        return self.conv_a(self.bn(x)) + self.conv_b(x)
+
+
+def _with_running_stats(model):
+    model.bn.running_mean.uniform_(-0.5, 0.5)
+    model.bn.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def test_input_preprocessing_runs_float_and_is_quantized_once():
+    torch.manual_seed(0)
+    model, x = _with_running_stats(NormalizedInput()), torch.randn(2, 3, 8, 8)
+    floats = {node.name: reason for node, reason in decide_float_nodes(_traced(model, x), X86).items()}
+    assert floats == {"bn": INPUT_REASON, "add": INPUT_REASON, "mul": INPUT_REASON}
+    batches = [torch.randn(2, 3, 8, 8) for _ in range(8)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxq.FxqWarning)
+        report = fxq.report(fxq.quantize(model, x, calibration_data=batches))
+    assert (report.quantize_ops, report.dequantize_ops) == (1, 1)  # in int8: the same count
+
+
+def test_input_preprocessing_stays_int8_when_the_input_is_quantized_anyway():
+    torch.manual_seed(0)
+    model, x = _with_running_stats(InputSharedWithConv()), torch.randn(2, 3, 8, 8)
+    floats = decide_float_nodes(_traced(model, x), X86)
+    assert not floats  # float would add a quantize of the BN's output to the input's
 
 
 class ZeroPadded(nn.Module):

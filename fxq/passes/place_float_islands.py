@@ -29,6 +29,8 @@ NAME = "place_float_islands"
 GROWN_REASON = "kept float with its float neighbours: quantizing it alone would add more Q/DQ transitions than it saves"
 HEAVY_FUNCTIONS = {torch.matmul, torch.bmm, torch.nn.functional.linear, torch.nn.functional.conv1d,
                    torch.nn.functional.conv2d, torch.nn.functional.conv3d, operator.matmul}
+INPUT_REASON = ("runs on the model's input in float, quantized once after it: in int8 the input would be "
+                "rounded before the op and again after")
 INTEGER_REASON = "operates on an integer tensor: nothing to quantize"
 #: Multiply-accumulates per output element from which an op is worth two transitions.
 MIN_WORTHWHILE_MACS_PER_ELEMENT = 16
@@ -103,10 +105,16 @@ def _macs_per_output_element(gm: fx.GraphModule, node: fx.Node) -> float:
 
 def _cheap_groups(gm: fx.GraphModule, values: list[fx.Node], floats: dict[fx.Node, str]) -> list[list[fx.Node]]:
     """Connected runs of quantizable nodes that do little work per element."""
-    cheap = {n for n in values if n not in floats and _macs_per_output_element(gm, n) < MIN_WORTHWHILE_MACS_PER_ELEMENT}
+    return _connected_runs([n for n in values
+                            if n not in floats and _macs_per_output_element(gm, n) < MIN_WORTHWHILE_MACS_PER_ELEMENT])
+
+
+def _connected_runs(nodes: list[fx.Node]) -> list[list[fx.Node]]:
+    """``nodes`` split into groups connected through each other, in graph order."""
+    members = set(nodes)
     groups, seen = [], set()
-    for start in values:
-        if start not in cheap or start in seen:
+    for start in nodes:
+        if start in seen:
             continue
         group, stack = [], [start]
         seen.add(start)
@@ -114,7 +122,7 @@ def _cheap_groups(gm: fx.GraphModule, values: list[fx.Node], floats: dict[fx.Nod
             node = stack.pop()
             group.append(node)
             for other in _neighbours(node):
-                if other in cheap and other not in seen:
+                if other in members and other not in seen:
                     seen.add(other)
                     stack.append(other)
         groups.append(group)
@@ -122,9 +130,22 @@ def _cheap_groups(gm: fx.GraphModule, values: list[fx.Node], floats: dict[fx.Nod
 
 
 def _boundary_transitions(group: list[fx.Node], floats: dict[fx.Node, str], as_float: bool) -> int:
+    """Quantize/dequantize ops the group adds at its border: one per value that crosses it,
+    however many consumers share it (torch converts a value once for all its users), none for
+    an input some consumer outside the group needs converted anyway."""
     members = set(group)
-    return sum(1 for node in group for other in _neighbours(node)
-               if other not in members and _is_float(other, floats) != as_float)
+
+    def crosses(other: fx.Node) -> bool:
+        return other not in members and _is_float(other, floats) != as_float
+
+    def converted_anyway(value: fx.Node) -> bool:  # another consumer in the group's domain shares it
+        return any(user not in members and _is_float(user, floats) == as_float for user in value.users
+                   if user.op != "output" and carries_float_tensor(user))
+
+    inputs = {other for node in group for other in _tensor_inputs(node) if crosses(other) and not converted_anyway(other)}
+    outputs = [node for node in group
+               if any(crosses(user) for user in node.users if user.op == "output" or carries_float_tensor(user))]
+    return len(inputs) + len(outputs)
 
 
 def _grow(gm: fx.GraphModule, values: list[fx.Node], floats: dict[fx.Node, str]) -> None:
@@ -142,11 +163,27 @@ def _grow(gm: fx.GraphModule, values: list[fx.Node], floats: dict[fx.Node, str])
                 changed = True
 
 
+def _keep_input_preprocessing_float(gm: fx.GraphModule, values: list[fx.Node], floats: dict[fx.Node, str]) -> None:
+    """Elementwise and per-channel ops fed by the model's inputs alone (a normalizing
+    BatchNorm, ``(x - mean) / std``) run in float when that costs no extra transition: in
+    int8 the raw input is quantized and the op's result rounded again; in float, once."""
+    leading: list[fx.Node] = []
+    for node in values:  # graph order: a node's inputs are decided before it
+        inputs = _tensor_inputs(node)
+        if (inputs and _macs_per_output_element(gm, node) <= 1
+                and all(i.op == "placeholder" or i in leading for i in inputs)):
+            leading.append(node)
+    for group in _connected_runs(leading):
+        if _boundary_transitions(group, floats, as_float=True) <= _boundary_transitions(group, floats, as_float=False):
+            floats.update({node: INPUT_REASON for node in group if node not in floats})
+
+
 def decide_float_nodes(gm: fx.GraphModule, backend: Backend) -> dict[fx.Node, str]:
     """Which value nodes run in float, and why. Reads only; the graph is not touched."""
     values = _value_nodes(gm)
     floats = _initial_float(gm, backend, values)
     _follow_producers(values, floats)
+    _keep_input_preprocessing_float(gm, values, floats)
     _grow(gm, values, floats)
     _follow_producers(values, floats)
     return floats
