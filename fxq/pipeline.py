@@ -34,6 +34,7 @@ from fxq.passes.place_float_islands import place_float_islands
 from fxq.passes.protect_attention import protect_attention
 from fxq.passes.requantize_wide_averages import requantize_wide_averages
 from fxq.passes.split_to_narrow import split_to_narrow
+from fxq.passes.unshare_called_modules import unshare_called_modules
 from fxq.report import PassRecord
 from fxq.tensors import clone_inputs, relative_error
 
@@ -53,6 +54,9 @@ def passes_for(backend: Backend, mode: str = "static", qat: bool = False) -> lis
         ("functionalize_inplace", functionalize_inplace),
         # Stochastic depth and dropout traced in eval mode are identities with no int8 kernel.
         ("drop_inference_identities", drop_inference_identities),
+        # Before any fusion: a quantized module has one output scale, so each call site gets a
+        # copy. Not in QAT (copies would untie the weights) nor dynamic (no output scale).
+        *([] if qat or mode == "dynamic" else [("unshare_called_modules", unshare_called_modules)]),
         # Pattern tables name torch.add, not x.add: spell methods the way backends match them.
         ("canonicalize_methods", canonicalize_methods),
         # Tuple-returning splits have no int8 pattern; their pieces as narrow views do.

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxq import fused
-from fxq.passes.base import PassResult, add_submodule_unique, finish, fxq_meta, get_module
+from fxq.passes.base import PassResult, add_submodule_unique, finish, fxq_meta, get_module, module_call_counts
 from fxq.quant import nni
 
 NAME = "merge_activations"
@@ -93,14 +93,6 @@ def _fusion_for(gm: fx.GraphModule, activation: fx.Node, absorb_clamps: bool):
     return None
 
 
-def _count_module_calls(gm: fx.GraphModule) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            counts[node.target] = counts.get(node.target, 0) + 1
-    return counts
-
-
 def merge_activations(gm: fx.GraphModule, absorb_clamps: bool = True) -> PassResult:
     """Fuse each ``root -> activation`` pair into one module call.
 
@@ -112,7 +104,7 @@ def merge_activations(gm: fx.GraphModule, absorb_clamps: bool = True) -> PassRes
         gm = torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU6()))
         merge_activations(gm).modified  # True: one ConvAct2d call remains
     """
-    module_calls = _count_module_calls(gm)
+    module_calls = module_call_counts(gm)
     plan = []
     for node in gm.graph.nodes:
         fused_module = _fusion_for(gm, node, absorb_clamps)
