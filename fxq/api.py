@@ -103,18 +103,22 @@ def quantize(model: nn.Module, example_inputs: Any, calibration_data: Optional[I
         batches = [example_inputs]  # nothing static to calibrate: no "calibrating on example_inputs" warning
     dump = stage_dumper(dump_dir)
     rewritten = rewrite(model, example_inputs, backend, mode, dump)
-    # the backend's precision splits (x86 without VNNI has two), all calibrated in one pass
+    candidates = precision.candidates(backend, mode)
+    with _timed(rewritten.timings, "calibrate"):
+        scoring, calibration = precision.hold_out(model, calibration_batches(batches, example_inputs), len(candidates))
+    if len(candidates) > 1 and not scoring:
+        rewritten.notes.append(precision.not_chosen(backend))
+    # the backend's precision splits (x86 without VNNI has two), all calibrated in one pass,
+    # when there are held-out batches to choose by
     splits = [rewritten] + [dataclasses.replace(rewritten, working=copy.deepcopy(rewritten.working), backend=other)
-                            for other in precision.candidates(backend, mode)[1:]]
+                            for other in (candidates[1:] if scoring else ())]
     with stages.quantized_engine(backend.engine):
         prepared = [prepare_units(split) for split in splits]
         with _timed(rewritten.timings, "calibrate"):
-            held_out_scoring, calibration = precision.hold_out(model, calibration_batches(batches, example_inputs),
-                                                               len(splits))
-            fan_out = precision.CalibrationFanOut([root for _, root in prepared], keep=0 if held_out_scoring else None)
+            fan_out = precision.CalibrationFanOut([root for _, root in prepared])
             calibrate(fan_out, calibration)
             sync_observers(fan_out)  # under torch.distributed: every rank's data, the same int8 model
-            chosen = _choose_split(splits, [units for units, _ in prepared], held_out_scoring or fan_out.kept)
+            chosen = _choose_split(splits, [units for units, _ in prepared], scoring)
         dump.prepared(prepared[chosen][0], rewritten.plan.units)
     qmodel = finish(splits[chosen], splits[chosen].working, prepared[chosen][0], dump)
     if target is not None:  # keep the most damaging layers float until the target is met

@@ -36,9 +36,10 @@ def calibration_batches(calibration_data: Optional[Iterable], example_inputs: tu
     return calibration_data
 
 
-def _checked(batches: Iterable) -> Iterator[tuple]:
+def checked_batches(batches: Iterable, first_index: int = 0) -> Iterator[tuple]:
+    """Each batch as a tuple of positional arguments; CalibrationError on NaN/Inf or no batch."""
     count = 0
-    for index, batch in enumerate(batches):
+    for index, batch in enumerate(batches, first_index):
         args = as_args(batch)
         for position, tensor in enumerate(float_tensors(args)):
             if not bool(torch.isfinite(tensor).all()):
@@ -53,7 +54,7 @@ def _checked(batches: Iterable) -> Iterator[tuple]:
 def calibrate(model: nn.Module, batches: Iterable, progress: Optional[bool] = None) -> int:
     """Run every batch through ``model`` (observers record ranges); return the batch count."""
     total = len(batches) if hasattr(batches, "__len__") else None
-    iterator = _checked(batches)
+    iterator = checked_batches(batches, getattr(batches, "first_index", 0))
     show = progress if progress is not None else (total is None or total > 8)
     if show:
         from tqdm.auto import tqdm

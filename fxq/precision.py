@@ -8,25 +8,34 @@ loses less depends on the model. Measured (output SQNR, 7x8 -> 8x7): trained dig
 (efficientnet_b0, mobilenet_v3_large, convnext_tiny most), but -2.3 dB on vgg11_bn and -2.7 dB
 on squeezenet1_0, whose wide dense convs need the weight bit more.
 
-So a backend may list ``alternatives``; every candidate is prepared, all of them see each
-calibration batch in the same pass (one-shot iterators work), and the one whose output is
-closest to float on the first calibration batches is kept.
+So a backend may list ``alternatives``. When the calibration data is a sized collection of
+batches from which at least ``MIN_SCORING_SAMPLES`` samples can be held out (at most
+``MAX_HELD_OUT_SHARE`` of the batches), every candidate is prepared, all of them see each
+remaining batch in the same pass, and the one whose output is closest to float on the held-out
+batches is kept. With less data the backend's own split is used: scored on 4 held-out images the
+choice was wrong on mobilenet_v3_small (14.0 vs 7.9 dB there, 8.8 vs 9.9 dB on 64 fresh ones);
+on 32 it agreed with 128 fresh images on every one of 8 random-init torchvision models where the
+splits differ by more than 0.1 dB (see docs/backends.md). Scores on batches the observers saw
+favour 8-bit activations, so the choice is never made in-sample.
 """
 from __future__ import annotations
 
 import copy
+import itertools
 import math
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn as nn
 
 from fxq.backends.base import Backend
-from fxq.calibrate import as_args
+from fxq.calibrate import as_args, checked_batches
 from fxq.tensors import clone_inputs, sqnr_db
 
-#: Calibration batches kept to score the candidates on.
-SCORING_BATCHES = 2
+#: Held-out calibration samples (leading dimension of a batch's first tensor) needed to choose.
+MIN_SCORING_SAMPLES = 32
+#: At most this share of the calibration batches is held out of calibration to score on.
+MAX_HELD_OUT_SHARE = 0.25
 
 
 def candidates(backend: Backend, mode: str) -> tuple[Backend, ...]:
@@ -38,39 +47,74 @@ def candidates(backend: Backend, mode: str) -> tuple[Backend, ...]:
 
 
 class CalibrationFanOut(nn.Module):
-    """Feeds each batch to every candidate's prepared model, keeping the first few batches and
-    the float output (a prepared model still computes in float) to score the candidates on."""
+    """Feeds each calibration batch to every candidate's prepared model (a prepared model still
+    computes in float: the first candidate's output is returned)."""
 
-    def __init__(self, prepared_models: Sequence[nn.Module], keep: Optional[int] = None):
+    def __init__(self, prepared_models: Sequence[nn.Module]):
         super().__init__()
         self.candidates = nn.ModuleList(prepared_models)
-        self.keep = (SCORING_BATCHES if keep is None else keep) if len(prepared_models) > 1 else 0
-        self.kept: list[tuple[tuple, Any]] = []
 
     def forward(self, *args: Any) -> Any:
-        kept_args = clone_inputs(args) if len(self.kept) < self.keep else None
-        outputs = [model(*args) for model in self.candidates]
-        if kept_args is not None:
-            self.kept.append((kept_args, outputs[0]))
-        return outputs[0]
+        return [model(*args) for model in self.candidates][0]
+
+
+class _Remaining:
+    """The calibration batches after the held-out ones: lazily, with their count (for progress)."""
+
+    def __init__(self, batches: Iterable, count: int, first_index: int = 0):
+        self.batches, self.count = batches, count
+        self.first_index = first_index  # of the first batch, in the user's data (for error messages)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def _sample_count(batch: Any) -> int:
+    tensor = next((t for t in as_args(batch) if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+    return 1 if tensor is None else tensor.shape[0]
+
+
+def _agreed(enough: bool) -> bool:
+    """Under torch.distributed every rank must choose, or none (the choice all-reduces)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        flag = torch.tensor([int(enough)])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
+    return enough
 
 
 def hold_out(model: nn.Module, batches: Iterable, candidate_count: int) -> tuple[list, Iterable]:
     """(scoring batches with the float model's outputs, the batches left to calibrate on).
 
-    Scores on batches the observers saw favour the split whose ranges fit them best (measured:
-    mobilenet_v3_small scored +1.9 dB for 8-bit activations in-sample, -1.1 dB on fresh
-    inputs). So with several candidates and a sized batch list of at least 4, the first
-    ``SCORING_BATCHES`` are held out of calibration; otherwise the fan-out keeps in-sample ones.
+    The scoring list is empty, and every batch is left to calibrate on, when there is nothing
+    to choose or too little data to choose by: fewer than ``MIN_SCORING_SAMPLES`` samples in
+    the first ``MAX_HELD_OUT_SHARE`` of the batches, or batches with no length (a one-shot
+    iterator). Batches are read lazily: a DataLoader is not loaded whole.
     """
-    if candidate_count < 2 or not hasattr(batches, "__len__") or len(batches) < 2 * SCORING_BATCHES:
-        return [], batches
-    batches = list(batches)
+    sized = candidate_count > 1 and hasattr(batches, "__len__")
+    limit = int(len(batches) * MAX_HELD_OUT_SHARE) if sized else 0
+    iterator = iter(batches)
+    head: list = []
+    samples = 0
+    while samples < MIN_SCORING_SAMPLES and len(head) < limit:
+        batch = next(iterator, _END)
+        if batch is _END:
+            break
+        head.append(batch)
+        samples += _sample_count(batch)
+    if candidate_count < 2 or not _agreed(samples >= MIN_SCORING_SAMPLES):
+        rest = itertools.chain(head, iterator)
+        return [], (_Remaining(rest, len(batches)) if hasattr(batches, "__len__") else rest)
     reference_model = copy.deepcopy(model).eval()
     with torch.no_grad():
-        scoring = [(as_args(batch), reference_model(*clone_inputs(as_args(batch))))
-                   for batch in batches[:SCORING_BATCHES]]
-    return scoring, batches[SCORING_BATCHES:]
+        scoring = [(args, reference_model(*clone_inputs(args))) for args in checked_batches(head)]
+    return scoring, _Remaining(iterator, len(batches) - len(head), first_index=len(head))
+
+
+_END = object()
 
 
 def score(converted: nn.Module, engine_context, kept: list[tuple[tuple, Any]]) -> float:
@@ -100,4 +144,12 @@ def describe(tried: Sequence[Backend], scores: list[float], index: int) -> str:
     """The report note: which split was kept, and every split's score."""
     measured = ", ".join(f"{backend.precision} {value:.1f} dB" for backend, value in zip(tried, scores))
     return (f"precision: kept {tried[index].precision} of {len(tried)} splits the kernels allow "
-            f"(output SQNR on the first calibration batches: {measured})")
+            f"(output SQNR on held-out calibration batches: {measured})")
+
+
+def not_chosen(backend: Backend) -> str:
+    """The report note when a backend with alternatives could not choose for lack of data."""
+    others = ", ".join(other.precision for other in backend.alternatives)
+    return (f"precision: {backend.precision}, the backend's default; {others} not tried: choosing needs a "
+            f"list of calibration batches whose first {MAX_HELD_OUT_SHARE:.0%} hold at least "
+            f"{MIN_SCORING_SAMPLES} samples to score on")

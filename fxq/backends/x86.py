@@ -24,11 +24,10 @@ def build_x86_backend_config() -> "quant.BackendConfig":
 
 
 #: Without VNNI, fbgemm multiplies uint8 x int8 pairs into saturating int16 lanes (measured:
-#: 8 x 8 bits lost 1 to 20 dB against either 15-bit split), so one spec gives up a bit: torch's
-#: choice, 7-bit activations. ``dataclasses.replace(x86, max_product_bits=15)`` also tries 8-bit
-#: activations x 7-bit weights and keeps the better (fxq.precision); not the default, because
-#: judged on the few calibration batches fxq can hold out it picked the worse split on
-#: mobilenet_v3_small (see docs/backends.md).
+#: 8 x 8 bits lost 1 to 20 dB against either 15-bit split), so one spec gives up a bit. The
+#: default is torch's choice, 7-bit activations; given enough calibration data to hold some out
+#: (fxq.precision), 8-bit activations x 7-bit weights is tried too and the better kept.
+#: ``dataclasses.replace(x86, max_product_bits=None)`` keeps torch's split always.
 PRODUCT_BITS = None if torch.cpu._is_vnni_supported() else 15
 
 x86 = Backend(
@@ -41,5 +40,5 @@ x86 = Backend(
     torch_qconfig_base="x86",
     arg_checks=tables.FXQ_ARG_CHECKS,
     int8_passthrough_ops=frozenset(tables.EXTRA_SHARED_QPARAMS_OPS),
-    max_product_bits=None,
+    max_product_bits=PRODUCT_BITS,
 )
