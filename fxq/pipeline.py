@@ -28,6 +28,7 @@ from fxq.passes.fold_batchnorm import TRANSPOSED_CONV_TYPES, fold_batchnorm
 from fxq.passes.functionalize_inplace import functionalize_inplace
 from fxq.passes.lower_batchnorm import lower_batchnorm
 from fxq.passes.merge_activations import merge_activations
+from fxq.passes.modularize_functional_batchnorm import modularize_functional_batchnorm
 from fxq.passes.modularize_functional_convs import modularize_functional_convs
 from fxq.passes.pad_depthwise_channels import pad_depthwise_channels
 from fxq.passes.place_float_islands import place_float_islands
@@ -67,6 +68,8 @@ def passes_for(backend: Backend, mode: str = "static", qat: bool = False) -> lis
         *([("decompose_silu", decompose_silu)] if silu_needs_decomposing(backend) else []),
         # Before BN folding, so an F.conv2d followed by BatchNorm folds like an nn.Conv2d.
         ("modularize_functional_convs", modularize_functional_convs),
+        # timm's BatchNormAct calls F.batch_norm in its forward: as a module it folds like any BN.
+        ("modularize_functional_batchnorm", modularize_functional_batchnorm),
         # In QAT, torch's QAT ConvBn modules fold BN while training, with batch statistics;
         # it has none for a transposed conv (its fuser raises), so those fold here.
         ("fold_batchnorm", functools.partial(fold_batchnorm, producers=TRANSPOSED_CONV_TYPES) if qat

@@ -24,6 +24,7 @@ from fxq.float_op import FloatOp
 from fxq.modes import dynamic_qconfig, dynamic_reason
 from fxq.passes.base import float_reason, keep_float
 from fxq.passes.place_float_islands import place_float_islands
+from fxq.passes.read_shapes_from_int8 import read_shapes_from_int8
 from fxq.passes.run_shared_ops_in_int8 import run_shared_ops_in_int8
 from fxq.tensors import all_finite, clone_inputs, float_tensors
 
@@ -82,7 +83,8 @@ def convert_unit(prepared: fx.GraphModule, backend: Backend) -> fx.GraphModule:
     except Exception as error:
         raise QuantizationFailure(f"convert_fx failed: {type(error).__name__}: {error}. "
                                   "Please report this model to fxq.") from error
-    return run_shared_ops_in_int8(converted, backend.int8_passthrough_ops).graph_module
+    converted = run_shared_ops_in_int8(converted, backend.int8_passthrough_ops).graph_module
+    return read_shapes_from_int8(converted).graph_module
 
 
 class _NodeTracker(fx.Interpreter):

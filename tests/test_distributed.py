@@ -5,7 +5,6 @@ through DDP. Every rank must end with the same int8 model: with min/max observer
 one a single process calibrates on both ranks' data together, with histogram and moving-average
 observers close to it. One spawn runs every case and writes its results to files the tests read.
 """
-import dataclasses
 import datetime
 import re
 import time

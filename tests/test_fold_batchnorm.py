@@ -1,5 +1,6 @@
 """fold_batchnorm (BN into its conv/Linear producer) and lower_batchnorm (the rest to a channel affine)."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -7,9 +8,11 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+import fxq
 from fxq.passes.base import float_reason
 from fxq.passes.fold_batchnorm import TRANSPOSED_CONV_TYPES, fold_batchnorm
 from fxq.passes.lower_batchnorm import lower_batchnorm
+from metrics import sqnr_db
 
 
 def traced(model, *inputs):
@@ -349,3 +352,20 @@ def test_x86_runs_batchnorm2d_alone_but_batchnorm1d_only_fused():
 
     alone = single_op_patterns(get_backend("x86").backend_config)
     assert {nn.BatchNorm2d, nn.BatchNorm3d} <= alone and nn.BatchNorm1d not in alone
+
+
+def test_standalone_batchnorm_without_affine_weights_quantizes():
+    """torch's int8 BatchNorm cannot be built from a BN with affine=False (convert_fx raised
+    AttributeError on bn.weight); such a BN becomes a channel affine instead."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.MaxPool2d(2), nn.BatchNorm2d(8, affine=False),
+                          nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    model[3].running_mean.uniform_(0.0, 0.5)
+    model[3].running_var.uniform_(0.5, 2.0)
+    batches = [torch.randn(2, 3, 16, 16) for _ in range(8)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxq.FxqWarning)
+        qmodel = fxq.quantize(model, batches[0][:1], calibration_data=batches)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert sqnr_db(model(x), qmodel(x)) >= 25.0

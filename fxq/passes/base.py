@@ -77,6 +77,18 @@ def root_conv2d(module: Optional[torch.nn.Module]) -> Optional[torch.nn.Conv2d]:
     return None
 
 
+SHAPE_ATTRIBUTES = frozenset({"ndim", "shape"})
+SHAPE_METHODS = frozenset({"size", "dim", "numel"})
+
+
+def reads_only_shape(node: fx.Node) -> bool:
+    """``x.ndim``, ``x.shape``, ``x.size()``, ``x.dim()``, ``x.numel()``: a use of ``x`` that a
+    rewrite keeping ``x``'s shape (BN folding, quantization) cannot change."""
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) == 2 and node.args[1] in SHAPE_ATTRIBUTES
+    return node.op == "call_method" and node.target in SHAPE_METHODS
+
+
 def module_call_counts(gm: fx.GraphModule) -> dict[str, int]:
     """How many call_module nodes call each submodule (a rewrite of a shared module hits them all)."""
     counts: dict[str, int] = {}

@@ -25,6 +25,7 @@ from fxq.passes.base import (
     fxq_meta,
     get_module,
     keep_float,
+    reads_only_shape,
     tensor_shape,
 )
 from fxq.passes.channel_affine import (
@@ -71,7 +72,9 @@ def fold_batchnorm(gm: fx.GraphModule, producers: tuple = PRODUCER_TYPES) -> Pas
 def _foldable_producer(gm: fx.GraphModule, bn_node: fx.Node, bn: nn.Module, producers: tuple) -> Optional[fx.Node]:
     """The conv/Linear node that ``bn_node`` can be folded into, else None."""
     producer = bn_node.args[0]
-    if not isinstance(producer, fx.Node) or len(producer.users) != 1:
+    # other users may only read the shape (timm's BatchNormAct asserts x.ndim == 4), which folding keeps
+    if not isinstance(producer, fx.Node) or any(user is not bn_node and not reads_only_shape(user)
+                                                for user in producer.users):
         return None
     module = get_module(gm, producer)
     if module is None or type(module) not in producers or has_hooks(module) or float_reason(producer) is not None:

@@ -46,12 +46,14 @@ class _Lowering:
 def lower_batchnorm(gm: fx.GraphModule, native: frozenset = frozenset()) -> PassResult:
     """Replace every eval-mode BatchNorm with running statistics by a channel affine.
 
-    BatchNorm modules whose type is in ``native`` (the backend has an int8 kernel) stay.
+    BatchNorm modules whose type is in ``native`` (the backend has an int8 kernel) stay, unless
+    they have no affine weights: torch's int8 BatchNorm cannot be built from one (convert_fx
+    raises on ``bn.weight`` being None).
     """
     lowerings: list[_Lowering] = []
     for node in gm.graph.nodes:
         bn = batchnorm_called_by(gm, node)
-        if bn is None or float_reason(node) is not None or type(bn) in native:
+        if bn is None or float_reason(node) is not None or (type(bn) in native and bn.affine):
             continue
         plan = _plan(node, bn)
         if isinstance(plan, str):
