@@ -23,6 +23,7 @@ import torch.nn as nn
 from fxq import stages, viz
 from fxq.calibrate import as_args
 from fxq.errors import InvalidInputError
+from fxq.interpreters import Interpreter
 from fxq.tensors import clone_inputs, float_tensors, sqnr_db
 
 SKIPPED_KINDS = ("io", "constant", "quantize", "dequantize", "observer")
@@ -111,7 +112,7 @@ def _unit_inputs(model: nn.Module, paths: list[str], inputs: tuple, root_is_grap
     return seen
 
 
-class _Recorder(fx.Interpreter):
+class _Recorder(Interpreter):
     def __init__(self, gm: fx.GraphModule):
         super().__init__(gm, garbage_collect_values=False)
 

@@ -13,9 +13,9 @@ from typing import Any, Optional
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.shape_prop import ShapeProp
 
 from fxq import viz, viz_html
+from fxq.interpreters import ShapePropagation
 from fxq.passes.base import float_reason
 from fxq.tensors import clone_inputs
 
@@ -103,7 +103,7 @@ class StageDumper:
             gm = converted[unit.path]
             try:
                 with torch.no_grad():
-                    ShapeProp(gm).propagate(*clone_inputs(unit.example_inputs))
+                    ShapePropagation(gm).propagate(*clone_inputs(unit.example_inputs))
             except Exception as error:  # a drawing without shapes beats no drawing
                 summary = f"shapes unavailable: {type(error).__name__}: {error}"
             else:

@@ -11,11 +11,11 @@ from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.shape_prop import ShapeProp
 
 from fxq.backends.base import Backend
 from fxq.backends.patterns import single_op_patterns
 from fxq.errors import RewriteError
+from fxq.interpreters import ShapePropagation
 from fxq.passes.align_depthwise_padding import align_depthwise_padding
 from fxq.passes.base import PassResult
 from fxq.passes.canonicalize_methods import canonicalize_methods
@@ -134,7 +134,7 @@ def run_passes(gm: fx.GraphModule, example_inputs: tuple, backend: Backend, on_s
 
 def _propagate(gm: fx.GraphModule, example_inputs: tuple):
     with torch.no_grad():
-        return ShapeProp(gm).propagate(*clone_inputs(example_inputs))
+        return ShapePropagation(gm).propagate(*clone_inputs(example_inputs))
 
 
 def _rounding_noise(gm: fx.GraphModule, output, example_inputs: tuple) -> float:

@@ -24,6 +24,7 @@ import torch.nn as nn
 from fxq import precision
 from fxq.backends import get_backend
 from fxq.calibrate import as_args
+from fxq.interpreters import Interpreter
 from fxq.compare import compare_layers, positional_args
 from fxq.requantize import Requantizer, output_sqnr, pattern_nodes, split_calibration
 from fxq.tensors import clone_inputs, sqnr_db
@@ -111,7 +112,7 @@ def _reference(model: nn.Module, batches: list) -> list:
         return [model(*clone_inputs(batch)) for batch in batches]
 
 
-class _Substitute(fx.Interpreter):
+class _Substitute(Interpreter):
     """Runs a float graph with one node's value replaced."""
 
     def __init__(self, gm: fx.GraphModule, name: str, value: torch.Tensor):

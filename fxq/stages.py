@@ -21,6 +21,7 @@ from fxq.backends.base import Backend
 from fxq.calibrate import calibrate
 from fxq.errors import QuantizationFailure
 from fxq.float_op import FloatOp
+from fxq.interpreters import Interpreter
 from fxq.modes import dynamic_qconfig, dynamic_reason
 from fxq.passes.base import float_reason, keep_float
 from fxq.passes.place_float_islands import place_float_islands
@@ -87,7 +88,7 @@ def convert_unit(prepared: fx.GraphModule, backend: Backend) -> fx.GraphModule:
     return read_shapes_from_int8(converted).graph_module
 
 
-class _NodeTracker(fx.Interpreter):
+class _NodeTracker(Interpreter):
     """Runs a graph node by node, remembering the first node that fails or goes non-finite."""
 
     def __init__(self, gm: fx.GraphModule):
