@@ -7,12 +7,15 @@ and ``nn.Flatten`` run on int8 tensors.
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import torch
+import torch.fx as fx
 
-from fxq import quant
+from fxq import fused, quant
 from fxq.backends import tables
 from fxq.backends.base import Backend, QuantSpec
+from fxq.passes.base import get_module, root_conv2d
 
 
 ACTIVATION = QuantSpec(dtype=torch.quint8, observer="histogram")
@@ -30,6 +33,27 @@ def build_x86_backend_config() -> "quant.BackendConfig":
 #: ``dataclasses.replace(x86, max_product_bits=None)`` keeps torch's split always.
 PRODUCT_BITS = None if torch.cpu._is_vnni_supported() else 15
 
+#: fbgemm has fast int8 depthwise kernels up to 7x7; larger ones take a generic path measured
+#: hundreds of times slower than fp32 (48 channels at 32x32: 9x9 128.8 ms int8 vs 0.28 ms fp32,
+#: 11x11 185.6 vs 8.0 ms; 3x3 to 7x7, strided, dilated and 1x5 kernels all within 1.6x of fp32).
+#: MixNet's 9x9 depthwise convs made it 0.38x fp32. Such convs run in float.
+MAX_FAST_DEPTHWISE_KERNEL = 7
+
+
+def fast_depthwise_only(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
+    """None unless ``node`` is a depthwise Conv2d with a kernel fbgemm has no fast path for."""
+    conv = root_conv2d(get_module(gm, node))
+    if conv is None or conv.groups == 1 or conv.groups != conv.in_channels:
+        return None
+    if max(conv.kernel_size) <= MAX_FAST_DEPTHWISE_KERNEL:
+        return None
+    size = "x".join(map(str, conv.kernel_size))
+    return (f"depthwise {size} conv {node.target}: fbgemm has no fast int8 kernel above "
+            f"{MAX_FAST_DEPTHWISE_KERNEL}x{MAX_FAST_DEPTHWISE_KERNEL} (measured 9x9: 460x slower than fp32)")
+
+
+_CONV2D_TYPES = (torch.nn.Conv2d, quant.nni.ConvReLU2d, fused.FUSED_FOR_ROOT[torch.nn.Conv2d])
+
 x86 = Backend(
     name="x86",
     engine="x86",
@@ -38,7 +62,7 @@ x86 = Backend(
     weight=WEIGHT,
     native_prelu=False,  # torch's quantized PReLU saturates the positive branch; see decompose_prelu
     torch_qconfig_base="x86",
-    arg_checks=tables.FXQ_ARG_CHECKS,
+    arg_checks={**tables.FXQ_ARG_CHECKS, **dict.fromkeys(_CONV2D_TYPES, fast_depthwise_only)},
     int8_passthrough_ops=frozenset(tables.EXTRA_SHARED_QPARAMS_OPS),
     max_product_bits=PRODUCT_BITS,
 )
