@@ -169,12 +169,15 @@ def test_zero_pad_runs_on_int8_exactly():
 
 
 def test_depthwise_convs_without_a_fast_fbgemm_kernel_run_float():
-    """fbgemm's generic path for a 9x9 depthwise conv measured 460x slower than fp32."""
+    """fbgemm's generic path for a 9x9 depthwise conv measured 460x slower than fp32, 5x5 at dilation 2 166x."""
     model = nn.Sequential(nn.Conv2d(16, 16, 7, padding=3, groups=16), nn.ReLU(),
                           nn.Conv2d(16, 16, 9, padding=4, groups=16), nn.ReLU(),
-                          nn.Conv2d(16, 16, 9, padding=4)).eval()  # not depthwise: int8
+                          nn.Conv2d(16, 16, 9, padding=4), nn.ReLU(),  # not depthwise: int8
+                          nn.Conv2d(16, 16, 3, padding=4, dilation=4, groups=16), nn.ReLU(),
+                          nn.Conv2d(16, 16, 5, padding=4, dilation=2, groups=16)).eval()
     x = torch.randn(1, 16, 12, 12)
     gm, _ = pipeline.run_passes(fx.symbolic_trace(copy.deepcopy(model)), (x,), X86)
     floats = {str(node.target): reason for node, reason in decide_float_nodes(gm, X86).items()
               if node.op == "call_module"}
-    assert list(floats) == ["2"] and "depthwise 9x9 conv" in floats["2"]
+    assert list(floats) == ["2", "8"]
+    assert "depthwise 9x9 conv" in floats["2"] and "depthwise 5x5 dilation 2 conv" in floats["8"]

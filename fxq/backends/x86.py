@@ -33,23 +33,28 @@ def build_x86_backend_config() -> "quant.BackendConfig":
 #: ``dataclasses.replace(x86, max_product_bits=None)`` keeps torch's split always.
 PRODUCT_BITS = None if torch.cpu._is_vnni_supported() else 15
 
-#: fbgemm has fast int8 depthwise kernels up to 7x7; larger ones take a generic path measured
-#: hundreds of times slower than fp32 (48 channels at 32x32: 9x9 128.8 ms int8 vs 0.28 ms fp32,
-#: 11x11 185.6 vs 8.0 ms; 3x3 to 7x7, strided, dilated and 1x5 kernels all within 1.6x of fp32).
-#: MixNet's 9x9 depthwise convs made it 0.38x fp32. Such convs run in float.
+#: fbgemm's fast int8 depthwise kernels stop at 7x7, and above 3x3 at dilation 1; other
+#: depthwise convs take a generic path measured hundreds of times slower than fp32 (one thread:
+#: 48 channels at 32x32, 9x9 128.8 ms int8 vs 0.28 ms fp32 and 11x11 185.6 vs 8.0 ms; 480
+#: channels at 8x8, 5x5 at dilation 2 28.3 vs 0.17 ms; 3x3 at dilations 1-4, strides 1-3, 5x5,
+#: 7x7 and 1x5 at dilation 1 within 1.6x of fp32, except 7x7 on 480 channels at 6x, left int8:
+#: ConvNeXt's 7x7 convs measured faster int8 at model level). MixNet's 9x9 convs made timm
+#: mixnet_s 0.38x fp32, LR-ASPP's dilated 5x5 ones lraspp_mobilenet_v3_large 0.17x. Such convs
+#: run in float.
 MAX_FAST_DEPTHWISE_KERNEL = 7
 
 
 def fast_depthwise_only(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
-    """None unless ``node`` is a depthwise Conv2d with a kernel fbgemm has no fast path for."""
+    """None unless ``node`` is a depthwise Conv2d that fbgemm has no fast int8 kernel for."""
     conv = root_conv2d(get_module(gm, node))
     if conv is None or conv.groups == 1 or conv.groups != conv.in_channels:
         return None
-    if max(conv.kernel_size) <= MAX_FAST_DEPTHWISE_KERNEL:
+    kernel, dilated = max(conv.kernel_size), max(conv.dilation) > 1
+    if kernel <= MAX_FAST_DEPTHWISE_KERNEL and not (kernel > 3 and dilated):
         return None
-    size = "x".join(map(str, conv.kernel_size))
-    return (f"depthwise {size} conv {node.target}: fbgemm has no fast int8 kernel above "
-            f"{MAX_FAST_DEPTHWISE_KERNEL}x{MAX_FAST_DEPTHWISE_KERNEL} (measured 9x9: 460x slower than fp32)")
+    size = "x".join(map(str, conv.kernel_size)) + (f" dilation {max(conv.dilation)}" if dilated else "")
+    return (f"depthwise {size} conv {node.target}: fbgemm has no fast int8 kernel for it "
+            f"(measured 9x9: 460x, 5x5 dilation 2: 166x slower than fp32)")
 
 
 _CONV2D_TYPES = (torch.nn.Conv2d, quant.nni.ConvReLU2d, fused.FUSED_FOR_ROOT[torch.nn.Conv2d])
