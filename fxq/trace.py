@@ -116,10 +116,34 @@ def trace_with_leaves(module: nn.Module, concrete: dict[str, Any], example_input
             else:
                 specialized[failing] = describe_error(error)
             continue
+        _retarget_none_guards(graph)
         gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
         _mark_leaves(gm, leaves)
         return _Capture(gm, leaves, specialized, None)
     return _Capture(None, leaves, specialized, f"more than {MAX_LEAF_ATTEMPTS} submodules failed to trace")
+
+
+@fx.node.has_side_effect  # no users, but dead-code elimination must keep it
+def assert_is_none(value: Any, message: str) -> None:
+    """torch.fx's guard for an argument bound to None, under a name fx can trace again."""
+    assert value is None, message
+
+
+torch.fx.wrap("assert_is_none")
+
+
+def _retarget_none_guards(graph: fx.Graph) -> None:
+    """fx guards an argument bound to None with its private ``_assert_is_none``, which
+    ``prepare_fx`` cannot trace again out of a GraphModule (KeyError
+    'torch.fx._symbolic_trace._assert_is_none': timm's ViTs have such arguments). The same
+    check, as fxq's own wrapped function, traces again."""
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is _FX_NONE_GUARD:
+            node.target = assert_is_none
+            node.meta["is_wrapped"] = True  # generated code re-registers it with torch.fx.wrap
+
+
+_FX_NONE_GUARD = getattr(fx._symbolic_trace, "_assert_is_none", None)
 
 
 def _specialize_in_place(model: nn.Module, path: str, example_inputs: tuple) -> bool:
