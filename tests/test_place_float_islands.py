@@ -181,3 +181,29 @@ def test_depthwise_convs_without_a_fast_fbgemm_kernel_run_float():
               if node.op == "call_module"}
     assert list(floats) == ["2", "8"]
     assert "depthwise 9x9 conv" in floats["2"] and "depthwise 5x5 dilation 2 conv" in floats["8"]
+
+
+class ReadsWeightDevice(nn.Module):
+    """As timm's EdgeNeXt positional encoding: reads a conv's weight besides calling the conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(3, 8, 1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        bias = torch.zeros(1, 8, 1, 1, device=self.proj.weight.device)
+        return self.conv(torch.relu(self.proj(x) + bias))
+
+
+def test_a_module_whose_weights_the_graph_reads_stays_float():
+    torch.manual_seed(0)
+    model, batches = ReadsWeightDevice().eval(), [torch.randn(2, 3, 8, 8) for _ in range(4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxq.FxqWarning)
+        qmodel = fxq.quantize(model, batches[0], calibration_data=batches)
+    reasons = {node.target: node.reason for node in fxq.report(qmodel).float_nodes}
+    assert "reads this module's tensors directly" in reasons["proj"]
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.isfinite(qmodel(x)).all() and float(((model(x) - qmodel(x)) ** 2).mean()) < 1e-2

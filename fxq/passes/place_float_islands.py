@@ -31,6 +31,8 @@ HEAVY_FUNCTIONS = {torch.matmul, torch.bmm, torch.nn.functional.linear, torch.nn
                    torch.nn.functional.conv2d, torch.nn.functional.conv3d, operator.matmul}
 INPUT_REASON = ("runs on the model's input in float, quantized once after it: in int8 the input would be "
                 "rounded before the op and again after")
+WEIGHTS_READ_REASON = ("the graph also reads this module's tensors directly (e.g. x.weight.device), and an "
+                       "int8 module keeps no float weight")
 INTEGER_REASON = "operates on an integer tensor: nothing to quantize"
 #: Multiply-accumulates per output element from which an op is worth two transitions.
 MIN_WORTHWHILE_MACS_PER_ELEMENT = 16
@@ -67,10 +69,13 @@ def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
 
 def _initial_float(gm: fx.GraphModule, backend: Backend, values: list[fx.Node]) -> dict[fx.Node, str]:
     floats: dict[fx.Node, str] = {}
+    read_directly = {n.target.rpartition(".")[0] for n in gm.graph.nodes if n.op == "get_attr"}
     for node in values:
         if node.op == "call_function" and node.target is operator.getitem:
             continue  # follows its producer, decided below
-        reason = float_reason(node) or backend.unsupported_reason(gm, node)
+        reason = float_reason(node) or backend.unsupported_reason(gm, node) or (
+            WEIGHTS_READ_REASON if node.op == "call_module" and node.target in read_directly
+            and next(get_module(gm, node).parameters(), None) is not None else None)
         if reason:
             floats[node] = reason
     return floats
