@@ -45,3 +45,17 @@ def sqnr_db(reference, actual) -> float:
     if noise == 0.0:
         return math.inf
     return 10.0 * math.log10(signal / noise) if signal > 0.0 else -math.inf
+
+
+def int8_sqnr_on_fresh_inputs(model, batches, fresh) -> float:
+    """Output SQNR of ``fxq.quantize(model)`` (calibrated on ``batches``, fxq's warnings muted)
+    against ``model`` on the ``fresh`` input tensor."""
+    import warnings
+
+    import fxq
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxq.FxqWarning)
+        qmodel = fxq.quantize(model, batches[0], calibration_data=batches)
+    with torch.no_grad():
+        return sqnr_db(model(fresh), qmodel(fresh))
