@@ -26,7 +26,7 @@ from fxq.fallback import Target, as_target, meet_target
 from fxq.passes.base import float_reason
 from fxq.requantize import split_calibration
 from fxq.report import FloatNode, QuantizationReport, count_quantized_ops, count_transitions, serialized_bytes
-from fxq.shape_specialize import SHAPE_GUARD_PREFIX
+from fxq.shape_specialize import is_trace_guard
 from fxq.tensors import all_finite, clone_inputs
 
 
@@ -60,15 +60,9 @@ def call_traced(model: nn.Module, signature: inspect.Signature, bind_by_signatur
     try:
         return model(*args, **kwargs)
     except AssertionError as error:
-        if not _is_trace_guard(error):
+        if not is_trace_guard(error):
             raise
         raise InvalidInputError(f"this {kind} was traced for other arguments: {error}") from None
-
-
-def _is_trace_guard(error: AssertionError) -> bool:
-    """True for the run-time checks tracing left in the graph (bound arguments, specialized shapes)."""
-    message = str(error)
-    return message.startswith(SHAPE_GUARD_PREFIX) or "has been specialized to have value" in message
 
 
 def quantize(model: nn.Module, example_inputs: Any, calibration_data: Optional[Iterable] = None,

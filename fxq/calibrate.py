@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from fxq.errors import CalibrationError
+from fxq.shape_specialize import is_trace_guard
 from fxq.tensors import float_tensors
 
 
@@ -62,6 +63,14 @@ def calibrate(model: nn.Module, batches: Iterable, progress: Optional[bool] = No
     count = 0
     with torch.no_grad():
         for args in iterator:
-            model(*args)
+            try:
+                model(*args)
+            except AssertionError as error:
+                if not is_trace_guard(error):
+                    raise
+                index = getattr(batches, "first_index", 0) + count
+                raise CalibrationError(f"calibration batch {index} does not fit what the model was traced for: "
+                                       f"{error}. Calibrate on batches shaped like example_inputs (batch size "
+                                       "included), or pass example_inputs shaped like the batches") from None
             count += 1
     return count

@@ -25,6 +25,12 @@ from fxq.errors import TraceFailure
 SHAPE_GUARD_PREFIX = "fxq shape guard"
 
 
+def is_trace_guard(error: AssertionError) -> bool:
+    """True for the run-time checks tracing left in the graph (bound arguments, specialized shapes)."""
+    message = str(error)
+    return message.startswith(SHAPE_GUARD_PREFIX) or "has been specialized to have value" in message
+
+
 class _ShapeProxy(fx.Proxy):
     """A Proxy that knows the example value it stands for and reveals only its shape."""
 

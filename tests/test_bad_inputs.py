@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 import fxq
+from seed_models import make_same_pad_dynamic_net
 
 
 def _net():
@@ -32,6 +33,16 @@ def test_calibration_batch_with_nan():
     bad[0, 0, 0, 0] = math.nan
     with pytest.raises(fxq.CalibrationError, match="batch 1 has NaN"):
         fxq.quantize(_net(), torch.randn(1, 3, 8, 8), calibration_data=[torch.randn(2, 3, 8, 8), bad])
+
+
+def test_calibration_batches_of_another_shape_than_a_shape_specialized_part():
+    """A part traced for its example shape (TF "same" padding computed from x.shape) cannot
+    calibrate on batches of another shape: an fxq error says so, not a bare AssertionError."""
+    fixture = make_same_pad_dynamic_net()
+    example = fixture.example_inputs[0]
+    other = torch.randn(example.shape[0], example.shape[1], example.shape[2] + 2, example.shape[3] + 2)
+    with pytest.raises(fxq.CalibrationError, match="calibration batch 1 does not fit what the model was traced"):
+        fxq.quantize(fixture.model, fixture.example_inputs, calibration_data=[example, other])
 
 
 def test_missing_calibration_data_warns():
