@@ -86,6 +86,9 @@ def _agreed(enough: bool) -> bool:
     return enough
 
 
+_END = object()
+
+
 def hold_out(model: nn.Module, batches: Iterable, candidate_count: int) -> tuple[list, Iterable]:
     """(scoring batches with the float model's outputs, the batches left to calibrate on).
 
@@ -94,7 +97,9 @@ def hold_out(model: nn.Module, batches: Iterable, candidate_count: int) -> tuple
     the first ``MAX_HELD_OUT_SHARE`` of the batches, or batches with no length (a one-shot
     iterator). Batches are read lazily: a DataLoader is not loaded whole.
     """
-    sized = candidate_count > 1 and hasattr(batches, "__len__")
+    if candidate_count < 2:
+        return [], batches
+    sized = hasattr(batches, "__len__")
     limit = int(len(batches) * MAX_HELD_OUT_SHARE) if sized else 0
     iterator = iter(batches)
     head: list = []
@@ -105,16 +110,13 @@ def hold_out(model: nn.Module, batches: Iterable, candidate_count: int) -> tuple
             break
         head.append(batch)
         samples += _sample_count(batch)
-    if candidate_count < 2 or not _agreed(samples >= MIN_SCORING_SAMPLES):
+    if not _agreed(samples >= MIN_SCORING_SAMPLES):  # every rank asks, so all agree
         rest = itertools.chain(head, iterator)
-        return [], (_Remaining(rest, len(batches)) if hasattr(batches, "__len__") else rest)
+        return [], (_Remaining(rest, len(batches)) if sized else rest)
     reference_model = copy.deepcopy(model).eval()
     with torch.no_grad():
         scoring = [(args, reference_model(*clone_inputs(args))) for args in checked_batches(head)]
     return scoring, _Remaining(iterator, len(batches) - len(head), first_index=len(head))
-
-
-_END = object()
 
 
 def score(converted: nn.Module, engine_context, kept: list[tuple[tuple, Any]]) -> float:

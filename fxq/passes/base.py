@@ -89,6 +89,11 @@ def reads_only_shape(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in SHAPE_METHODS
 
 
+def tensor_owners(gm: fx.GraphModule) -> set[str]:
+    """Paths of the modules whose parameters or buffers the graph reads via ``get_attr``."""
+    return {n.target.rpartition(".")[0] for n in gm.graph.nodes if n.op == "get_attr"}
+
+
 def module_call_counts(gm: fx.GraphModule) -> dict[str, int]:
     """How many call_module nodes call each submodule (a rewrite of a shared module hits them all)."""
     counts: dict[str, int] = {}

@@ -26,6 +26,7 @@ from fxq.passes.base import (
     get_module,
     keep_float,
     reads_only_shape,
+    tensor_owners,
     tensor_shape,
 )
 from fxq.passes.channel_affine import (
@@ -129,8 +130,7 @@ def _targets_not_safe_to_replace(gm: fx.GraphModule) -> set[str]:
     """Module paths called more than once or whose tensors are read via get_attr."""
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     shared = {target for target, count in calls.items() if count > 1}
-    attribute_owners = {n.target.rpartition(".")[0] for n in gm.graph.nodes if n.op == "get_attr"}
-    return shared | attribute_owners
+    return shared | tensor_owners(gm)
 
 
 def _apply(gm: fx.GraphModule, fold: _Fold, shared_targets: set[str]) -> str:

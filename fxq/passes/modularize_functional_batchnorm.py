@@ -40,8 +40,8 @@ def _as_parameter(value: torch.Tensor) -> nn.Parameter:
     return value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
 
 
-def _module_for(gm: fx.GraphModule, node: fx.Node) -> Optional[tuple[nn.Module, str]]:
-    """The BatchNorm module computing ``node``, and the path its statistics came from."""
+def _module_for(gm: fx.GraphModule, node: fx.Node) -> Optional[tuple[nn.Module, str, fx.Node]]:
+    """The BatchNorm module computing ``node``, the path its statistics came from, and its input."""
     if node.op != "call_function" or node.target is not F.batch_norm:
         return None
     bound = _bound(node)
@@ -63,7 +63,7 @@ def _module_for(gm: fx.GraphModule, node: fx.Node) -> Optional[tuple[nn.Module, 
     if module.affine:
         module.weight = _as_parameter(weight) if weight is not None else nn.Parameter(torch.ones_like(mean), False)
         module.bias = _as_parameter(bias) if bias is not None else nn.Parameter(torch.zeros_like(mean), False)
-    return module.eval(), bound["running_mean"].target.rpartition(".")[0]
+    return module.eval(), bound["running_mean"].target.rpartition(".")[0], bound["input"]
 
 
 def modularize_functional_batchnorm(gm: fx.GraphModule) -> PassResult:
@@ -76,10 +76,10 @@ def modularize_functional_batchnorm(gm: fx.GraphModule) -> PassResult:
     """
     plan = [(node, found) for node in gm.graph.nodes if (found := _module_for(gm, node)) is not None]
     changes = []
-    for node, (module, owner) in plan:
+    for node, (module, owner, source) in plan:
         name = add_submodule_unique(gm, f"{owner}.bn" if owner else "batch_norm", module)
         with gm.graph.inserting_before(node):
-            call = gm.graph.call_module(name, (_bound(node)["input"],))
+            call = gm.graph.call_module(name, (source,))
         call.meta = dict(node.meta)
         node.replace_all_uses_with(call)
         statistics = [arg for arg in node.all_input_nodes if arg.op == "get_attr"]

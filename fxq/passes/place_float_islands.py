@@ -23,7 +23,9 @@ import torch.nn as nn
 from fxq import quant
 from fxq.backends.base import Backend
 from fxq.float_op import FloatOp
-from fxq.passes.base import PassResult, add_submodule_unique, finish, float_reason, fxq_meta, get_module
+from fxq.passes.base import (
+    PassResult, add_submodule_unique, finish, float_reason, fxq_meta, get_module, tensor_owners,
+)
 
 NAME = "place_float_islands"
 GROWN_REASON = "kept float with its float neighbours: quantizing it alone would add more Q/DQ transitions than it saves"
@@ -69,7 +71,7 @@ def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
 
 def _initial_float(gm: fx.GraphModule, backend: Backend, values: list[fx.Node]) -> dict[fx.Node, str]:
     floats: dict[fx.Node, str] = {}
-    read_directly = {n.target.rpartition(".")[0] for n in gm.graph.nodes if n.op == "get_attr"}
+    read_directly = tensor_owners(gm)
     for node in values:
         if node.op == "call_function" and node.target is operator.getitem:
             continue  # follows its producer, decided below
