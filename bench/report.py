@@ -179,9 +179,17 @@ def _settings(records: list[dict]) -> str:
         return f"{len(found)} different settings across models (see results.json)"
     settings = json.loads(found.pop())
     text = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in settings.items())
-    if settings.get("image_size", 224) < 224 or settings.get("runs", 20) < 10:
+    if settings.get("runs", 20) < 10:
         text += " (**short settings: a coverage run; its timings are not the published numbers**)"
+    elif settings.get("image_size", 224) != 224:
+        text += f" (**inputs are {settings['image_size']} px, not 224: latencies and speed-ups are for that size**)"
     return text
+
+
+def _isa(meta: dict) -> str:
+    if "cpu_capability" not in meta:
+        return ""
+    return f", {meta['cpu_capability']}, {'with' if meta.get('vnni') else 'no'} VNNI"
 
 
 def markdown(records: list[dict], meta: dict) -> str:
@@ -195,8 +203,8 @@ def markdown(records: list[dict], meta: dict) -> str:
              "than promising an accuracy. Latency: batch 1, median of interleaved runs of fp32 / plain FX / fxq in "
              "one process; speed-up = fp32 latency / int8 latency. Sizes are `torch.save(state_dict)`.", "",
              f"- command: `{meta.get('command', '?')}`",
-             f"- machine: {meta.get('cpu', '?')}, {meta.get('cores', '?')} cores; torch.set_num_threads({meta.get('threads', '?')}); "
-             f"quantized engine {meta.get('engine', '?')}",
+             f"- machine: {meta.get('cpu', '?')}, {meta.get('cores', '?')} cores{_isa(meta)}; "
+             f"torch.set_num_threads({meta.get('threads', '?')}); quantized engine {meta.get('engine', '?')}",
              f"- torch {meta.get('torch', '?')}, timm {meta.get('timm') or 'not installed'}, Python {meta.get('python', '?')}; "
              f"fxq {meta.get('fxq_commit', '?')}; {meta.get('date', '?')}",
              f"- settings: {_settings(records)}", "", "## Summary", "", *summary_lines(records), "",

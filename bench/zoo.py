@@ -132,6 +132,8 @@ def run_metadata(args: argparse.Namespace, argv: list[str]) -> dict:
     commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     return {"command": "python bench/zoo.py " + shlex.join(argv), "torch": torch.__version__,
             "timm": _version("timm"), "python": platform.python_version(), "cpu": cpu,
+            # fbgemm's int8 speed and x86's default precision split depend on these
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "vnni": torch.cpu._is_vnni_supported(),
             "cores": os.cpu_count(), "threads": args.threads, "engine": torch.backends.quantized.engine,
             "fxq_commit": commit, "date": time.strftime("%Y-%m-%d %H:%M")}
 
