@@ -64,6 +64,34 @@ def test_no_match_when_conv_output_has_another_user():
     assert [n.format_node() for n in gm.graph.nodes] == before
 
 
+class ShapeCheckBetween(nn.Module):
+    """timm's BatchNormAct2d asserts ``x.ndim == 4`` on the conv output before its ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.act = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()
+
+    def forward(self, x):
+        y = self.conv(x)
+        torch._assert(y.ndim == 4, "expected 4D input")
+        return self.act(y) * y.shape[1]
+
+
+def test_users_that_only_read_the_shape_do_not_block_fusion():
+    torch.manual_seed(0)
+    model = ShapeCheckBetween().eval()
+    gm = fx.symbolic_trace(model)
+    assert merge_activations(gm).modified
+    assert _module_types(gm) == [nni.ConvReLU2d]
+    fused_node = next(n for n in gm.graph.nodes if n.op == "call_module")
+    readers = {n.args[1] for n in fused_node.users if n.op == "call_function" and n.target is getattr}
+    assert readers == {"ndim", "shape"}  # both shape reads now read the fused output
+    gm.graph.lint()
+    for shape in [(1, 3, 5, 5), (2, 3, 9, 4)]:
+        x = torch.randn(shape)
+        torch.testing.assert_close(gm(x), model(x), atol=0, rtol=0)
+
+
 def test_hardtanh_with_positive_lower_bound_is_not_absorbed():
     gm = fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Hardtanh(0.5, 2.0)).eval())
     assert not merge_activations(gm).modified
