@@ -1,5 +1,6 @@
 """Backends as declarative objects: the registry, the op tables, and each built-in backend on the
 fused patterns and the seed models."""
+import dataclasses
 import math
 import re
 import warnings
@@ -276,3 +277,76 @@ def test_seed_models_with_4_bit_weights_still_run(seed_sqnr):
         assert math.isfinite(db) and db >= W4_SEED_SQNR_FLOOR[name]
         # 4-bit weights are coarser: the simulation must show it.
         assert db < seed_sqnr(name, fxq.get_backend("reference")) - 6.0
+
+
+class DepthwiseAndRegular(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.dw = nn.Conv2d(128, 128, 3, padding=1, groups=128)
+        self.grouped = nn.Conv2d(128, 128, 3, padding=1, groups=8)
+        self.pw = nn.Conv2d(128, 16, 1)
+
+    def forward(self, x):
+        return self.pw(self.grouped(torch.relu(self.dw(x))))
+
+
+def _weight_code_range(qmodel, name: str) -> int:
+    module = dict(qmodel.named_modules())[name]
+    return int(module.weight().int_repr().abs().max())
+
+
+def test_depthwise_convs_get_the_weight_bits_their_kernels_have():
+    """x86 with VNNI: fbgemm's depthwise kernels multiply in int16 pairs, the others do not; a
+    backend's max_depthwise_product_bits gives depthwise convs alone 7-bit weights."""
+    torch.manual_seed(0)
+    model = DepthwiseAndRegular().eval()
+    batches = [torch.randn(2, 128, 8, 8) for _ in range(3)]
+    full = registry.get_backend("x86")
+    full = dataclasses.replace(full, max_product_bits=None,
+                               activation=dataclasses.replace(full.activation, reduce_range=False))
+    assert full.max_depthwise_product_bits == 15 and full.precision == "8-bit activations x 8-bit weights"
+    unlimited = dataclasses.replace(full, max_depthwise_product_bits=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxq.FxqWarning)
+        limited_model = fxq.quantize(model, batches[0], calibration_data=batches, backend=full)
+        unlimited_model = fxq.quantize(model, batches[0], calibration_data=batches, backend=unlimited)
+    prefix = next(n for n, _ in limited_model.named_modules() if n.endswith("dw")).rpartition("dw")[0]
+    assert _weight_code_range(limited_model, prefix + "dw") in (63, 64)     # symmetric 7-bit: [-64, 63]
+    assert _weight_code_range(limited_model, prefix + "grouped") >= 127    # not depthwise: 8 bits
+    assert _weight_code_range(limited_model, prefix + "pw") >= 127
+    assert _weight_code_range(unlimited_model, prefix + "dw") >= 127
+    # with 7-bit activations the products fit already: nothing changes
+    seven_bit = dataclasses.replace(full, activation=dataclasses.replace(full.activation, reduce_range=True))
+    assert seven_bit._depthwise_qconfig(seven_bit.activation, qat=False) is None
+
+
+def test_x86_transposed_convs_are_int8_only_where_the_kernel_is_right_on_this_cpu():
+    """fbgemm's int8 transposed conv is wrong on some CPUs (an AVX-512 EPYC: -3 dB whenever the
+    channel counts differ). Each configuration is checked on the machine; the output stays
+    close to float either way, and a float one says why."""
+    from fxq.backends import x86 as x86_module
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(16, 8, 2, stride=2),
+                          nn.ReLU(), nn.ConvTranspose2d(8, 8, 3, padding=1)).eval()
+    batches = [torch.randn(2, 3, 8, 8) for _ in range(4)]
+    qmodel = _quantize(model, batches[0], batches, "x86")
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert sqnr_db(model(x), qmodel(x)) > 25
+    reasons = " ".join(node.reason for node in qmodel.report.float_nodes)
+    for layer, config in (("2", (2, 16, 8, (2, 2), (2, 2), (0, 0), (0, 0), 1, (1, 1))),
+                          ("4", (2, 8, 8, (3, 3), (1, 1), (1, 1), (0, 0), 1, (1, 1)))):
+        broken = x86_module.int8_transposed_conv_sqnr(*config) < x86_module.TRANSPOSED_CONV_MIN_SQNR_DB
+        assert (f"transposed conv {layer}: fbgemm's int8 kernel computes it wrongly" in reasons) == broken
+
+
+def test_a_transposed_conv_the_kernel_gets_wrong_runs_float_with_the_reason(monkeypatch):
+    from fxq.backends import x86 as x86_module
+    monkeypatch.setattr(x86_module, "int8_transposed_conv_sqnr", lambda *config: -3.0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ConvTranspose2d(8, 4, 2, stride=2)).eval()
+    batches = [torch.randn(2, 3, 8, 8) for _ in range(3)]
+    qmodel = _quantize(model, batches[0], batches, "x86")
+    assert "self-check: -3.0 dB against float" in str(qmodel.report)
+    with torch.no_grad():
+        assert sqnr_db(model(batches[0]), qmodel(batches[0])) > 25

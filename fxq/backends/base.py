@@ -15,6 +15,7 @@ import torch.fx as fx
 
 from fxq import fused, quant
 from fxq.errors import BackendError
+from fxq.passes.base import root_conv2d
 
 #: An argument check: given the graph and a node whose target the backend supports, return
 #: None when the call's arguments are fine, or the reason it must stay float.
@@ -115,6 +116,10 @@ class Backend:
     #: way to fit (the other spec giving up its bit) is in ``alternatives``, and fxq keeps
     #: whichever is closer to float on the calibration data (``fxq.precision``).
     max_product_bits: Optional[int] = None
+    #: The same limit for depthwise convs only, where their kernels have fewer bits than the
+    #: rest (x86 with VNNI: 15, see ``fxq.backends.x86``). A depthwise conv whose activation x
+    #: weight bits exceed it gets weights one bit short (its own qconfig); nothing else changes.
+    max_depthwise_product_bits: Optional[int] = None
 
     def __post_init__(self):
         if not self.name or not isinstance(self.name, str):
@@ -192,10 +197,23 @@ class Backend:
         mapping = quant.default_mapping(qconfig, transpose, self.torch_qconfig_base, qat=qat)
         for module_type in _TRANSPOSED_CONVS:  # the global qconfig, like the ReLU6 fused with them
             mapping.object_type_qconfigs.pop(module_type, None)
+        depthwise = self._depthwise_qconfig(activation, qat)
         for node in gm.graph.nodes if gm is not None else ():
-            if node.op == "call_module" and _is_transposed_conv(gm.get_submodule(node.target)):
+            if node.op != "call_module":
+                continue
+            module = gm.get_submodule(node.target)
+            if _is_transposed_conv(module):
                 mapping.set_module_name(node.target, transpose)
+            elif depthwise is not None and _is_depthwise_conv2d(module):
+                mapping.set_module_name(node.target, depthwise)
         return mapping
+
+    def _depthwise_qconfig(self, activation: QuantSpec, qat: bool) -> Optional["quant.QConfig"]:
+        """The qconfig of depthwise convs when they need fewer product bits than the rest, else None."""
+        limit = self.max_depthwise_product_bits
+        if limit is None or self._product_bits(activation, self.weight) <= limit:
+            return None
+        return _qconfig(activation, dataclasses.replace(self.weight, reduce_range=True), qat)
 
     def unsupported_reason(self, gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
         """None when this backend can run ``node`` in int8, else why not."""
@@ -210,6 +228,11 @@ class Backend:
 #: activations with a moving average of recent batch ranges (torch's QAT default constant).
 QAT_WEIGHT_AVERAGING = 1.0
 QAT_ACTIVATION_AVERAGING = 0.01
+
+
+def _is_depthwise_conv2d(module: torch.nn.Module) -> bool:
+    conv = root_conv2d(module)
+    return conv is not None and conv.groups > 1 and conv.groups == conv.in_channels
 
 
 def _qconfig(activation: QuantSpec, weight: QuantSpec, qat: bool) -> "quant.QConfig":
