@@ -6,9 +6,12 @@ arithmetic on a Proxy, so they would stay float. Here tracing carries the exampl
 every tensor alongside its Proxy and answers ``.shape``/``.size()``/``.dim()`` with concrete
 numbers; everything else (``bool(tensor)``, data-dependent branches) stays symbolic and still
 fails, so only shapes are specialized. The graph starts with a guard: called with another
-shape, it raises instead of computing a wrong result. Tracing again at batch 1 and at one
-more than the example's batch tells whether the graph depends on the batch size; if those
-graphs are identical, the guard leaves dim 0 free.
+shape, it raises instead of computing a wrong result. Tracing again at two other batch sizes
+tells whether the graph depends on the batch size; if those graphs are identical, the guard
+leaves dim 0 free. If they differ only in integer constants that are a linear function of the
+batch size (timm MobileViT reshapes to ``(B * C * h, ...)``), those constants are rewritten to
+read the batch size from the input, checked against the module at the three sizes, and dim 0
+is left free too: a model quantized with a batch-1 example runs calibration batches of 32.
 """
 from __future__ import annotations
 
@@ -117,16 +120,114 @@ def _trace(module: nn.Module, example_args: tuple) -> fx.GraphModule:
     return fx.GraphModule(module, graph, f"{type(module).__name__}ShapeSpecialized")
 
 
-def _is_batch_free(module: nn.Module, gm: fx.GraphModule, example_args: tuple) -> bool:
-    """Whether tracing at batch 1 and at one more than the example's batch gives this graph."""
+def _batch_free_version(module: nn.Module, gm: fx.GraphModule, example_args: tuple) -> Optional[fx.GraphModule]:
+    """``gm`` if it works for any batch size (traced at two other sizes, it is the same graph);
+    a rewritten trace if the graphs differ only in integer constants linear in the batch size
+    (they then compute from the input's dim 0; checked against ``module`` at all three sizes);
+    otherwise None."""
     tensors = [a for a in example_args if isinstance(a, torch.Tensor) and a.dim() > 0]
     if not tensors or any(t.shape[0] != tensors[0].shape[0] for t in tensors):
-        return False  # no common leading dim to call a batch
+        return None  # no common leading dim to call a batch
     batch = tensors[0].shape[0]
-    for size in sorted({1, batch + 1} - {batch}):
-        if _trace(module, tuple(_resize_batch(a, size) for a in example_args)).code != gm.code:
-            return False
-    return True
+    sizes = [size for size in (1, 2, 3) if size != batch][:2]
+    others = [_trace(module, tuple(_resize_batch(a, size) for a in example_args)) for size in sizes]
+    if all(other.code == gm.code for other in others):
+        return gm
+    scaled = _batch_linear_constants(gm, others, [batch, *sizes])
+    if not scaled:
+        return None
+    rewritten = _trace(module, example_args)
+    _read_batch_from_input(rewritten, [(_node_named(rewritten, node.name), *rest) for node, *rest in scaled])
+    for size in (batch, *sizes):
+        args = tuple(_resize_batch(a, size) for a in example_args)
+        try:
+            with torch.no_grad():
+                same = _equal(module(*args), rewritten(*args))
+        except Exception:  # noqa: BLE001 - any failure means: keep the batch size pinned
+            same = False
+        if not same:
+            return None
+    return rewritten
+
+
+def _node_named(gm: fx.GraphModule, name: str) -> fx.Node:
+    return next(node for node in gm.graph.nodes if node.name == name)
+
+
+#: One integer argument of a node that scales with the batch: (node, leaf index, per-batch
+#: factor, offset): the constant is ``factor * batch + offset``.
+_ScaledConstant = tuple[fx.Node, int, int, int]
+
+
+def _leaves(node: fx.Node) -> list:
+    found: list = []
+    fx.node.map_aggregate((node.args, node.kwargs), lambda value: found.append(value) or value)
+    return found
+
+
+def _batch_linear_constants(gm: fx.GraphModule, others: list[fx.GraphModule],
+                            batches: list[int]) -> list[_ScaledConstant]:
+    """The integer arguments where the three traces differ, each a linear function of the batch
+    size; empty when the graphs differ in anything else."""
+    graphs = [list(gm.graph.nodes), *(list(other.graph.nodes) for other in others)]
+    if len({len(nodes) for nodes in graphs}) != 1:
+        return []
+    scaled = []
+    for nodes in zip(*graphs):
+        if len({(n.op, n.name, str(n.target)) for n in nodes}) != 1:
+            return []
+        leaves = [_leaves(n) for n in nodes]
+        if len({len(values) for values in leaves}) != 1:
+            return []
+        for index, values in enumerate(zip(*leaves)):
+            if all(isinstance(v, fx.Node) for v in values):
+                if len({v.name for v in values}) != 1:
+                    return []
+                continue
+            if _same_literal(values):
+                continue
+            if not all(type(v) is int for v in values):
+                return []
+            (b0, b1, b2), (c0, c1, c2) = batches, values
+            factor, remainder = divmod(c2 - c1, b2 - b1)
+            offset = c1 - factor * b1
+            if remainder or factor == 0 or c0 != factor * b0 + offset:
+                return []
+            scaled.append((nodes[0], index, factor, offset))
+    return scaled
+
+
+def _same_literal(values: tuple) -> bool:
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        return all(isinstance(v, torch.Tensor) and v.shape == first.shape and torch.equal(v, first) for v in values)
+    return all(type(v) is type(first) and v == first for v in values)
+
+
+def _read_batch_from_input(gm: fx.GraphModule, scaled: list[_ScaledConstant]) -> None:
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    with graph.inserting_after(placeholders[-1]):
+        batch = graph.call_method("size", (placeholders[0], 0))
+    by_node: dict[fx.Node, dict[int, tuple[int, int]]] = {}
+    for node, index, factor, offset in scaled:
+        by_node.setdefault(node, {})[index] = (factor, offset)
+    for node, replacements in by_node.items():
+        with graph.inserting_before(node):
+            values = {index: _linear(graph, batch, factor, offset) for index, (factor, offset) in replacements.items()}
+        position = iter(range(len(_leaves(node))))
+
+        def substitute(value, values=values, position=position):
+            return values.get(next(position), value)
+
+        node.args, node.kwargs = fx.node.map_aggregate((node.args, node.kwargs), substitute)
+    graph.lint()
+    gm.recompile()
+
+
+def _linear(graph: fx.Graph, batch: fx.Node, factor: int, offset: int) -> fx.Node:
+    value = batch if factor == 1 else graph.call_function(operator.mul, (batch, factor))
+    return value if offset == 0 else graph.call_function(operator.add, (value, offset))
 
 
 def _resize_batch(value: Any, size: int) -> Any:
@@ -173,11 +274,12 @@ def specialize_to_shapes(module: nn.Module, example_args: tuple, where: str) -> 
     """
     try:
         gm = _trace(module, example_args)
-        batch_free = _is_batch_free(module, gm, example_args)
+        free = _batch_free_version(module, gm, example_args)
     except TraceFailure:
         raise
     except Exception as error:
         raise TraceFailure(f"{where}: cannot be traced even with concrete shapes: {type(error).__name__}: {error}") from error
+    gm, batch_free = (gm, False) if free is None else (free, True)
     with torch.no_grad():
         expected, got = module(*example_args), gm(*example_args)
     if not _equal(expected, got):
