@@ -15,7 +15,7 @@ import torch.fx as fx
 
 from fxq import fused, quant
 from fxq.errors import BackendError
-from fxq.passes.base import root_conv2d
+from fxq.passes.base import is_depthwise, root_conv2d
 
 #: An argument check: given the graph and a node whose target the backend supports, return
 #: None when the call's arguments are fine, or the reason it must stay float.
@@ -204,7 +204,7 @@ class Backend:
             module = gm.get_submodule(node.target)
             if _is_transposed_conv(module):
                 mapping.set_module_name(node.target, transpose)
-            elif depthwise is not None and _is_depthwise_conv2d(module):
+            elif depthwise is not None and is_depthwise(root_conv2d(module)):
                 mapping.set_module_name(node.target, depthwise)
         return mapping
 
@@ -228,11 +228,6 @@ class Backend:
 #: activations with a moving average of recent batch ranges (torch's QAT default constant).
 QAT_WEIGHT_AVERAGING = 1.0
 QAT_ACTIVATION_AVERAGING = 0.01
-
-
-def _is_depthwise_conv2d(module: torch.nn.Module) -> bool:
-    conv = root_conv2d(module)
-    return conv is not None and conv.groups > 1 and conv.groups == conv.in_channels
 
 
 def _qconfig(activation: QuantSpec, weight: QuantSpec, qat: bool) -> "quant.QConfig":

@@ -16,7 +16,7 @@ import torch.fx as fx
 from fxq import fused, quant
 from fxq.backends import tables
 from fxq.backends.base import Backend, QuantSpec
-from fxq.passes.base import get_module, root_conv2d
+from fxq.passes.base import fused_root, get_module, is_depthwise, root_conv2d
 from fxq.tensors import sqnr_db
 
 
@@ -56,7 +56,7 @@ MAX_FAST_DEPTHWISE_KERNEL = 7
 def fast_depthwise_only(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
     """None unless ``node`` is a depthwise Conv2d that fbgemm has no fast int8 kernel for."""
     conv = root_conv2d(get_module(gm, node))
-    if conv is None or conv.groups == 1 or conv.groups != conv.in_channels:
+    if not is_depthwise(conv):
         return None
     kernel, dilated = max(conv.kernel_size), max(conv.dilation) > 1
     if kernel <= MAX_FAST_DEPTHWISE_KERNEL and not (kernel > 3 and dilated):
@@ -77,14 +77,6 @@ _CONV2D_TYPES = (torch.nn.Conv2d, quant.nni.ConvReLU2d, fused.FUSED_FOR_ROOT[tor
 TRANSPOSED_CONV_MIN_SQNR_DB = 20.0
 _TRANSPOSED_CONV_ROOTS = (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
 _TRANSPOSED_CONV_TYPES = tuple(t for root in _TRANSPOSED_CONV_ROOTS for t in (root, fused.FUSED_FOR_ROOT[root]))
-
-
-def _root_transposed_conv(module: Optional[torch.nn.Module]) -> Optional[torch.nn.Module]:
-    if type(module) in _TRANSPOSED_CONV_ROOTS:
-        return module
-    if isinstance(module, torch.nn.Sequential) and len(module) and type(module[0]) in _TRANSPOSED_CONV_ROOTS:
-        return module[0]
-    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -118,7 +110,7 @@ def int8_transposed_conv_sqnr(dims: int, in_channels: int, out_channels: int, ke
 
 def working_transposed_conv(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
     """None unless fbgemm's int8 transposed conv computes this layer wrongly on this CPU."""
-    conv = _root_transposed_conv(get_module(gm, node))
+    conv = fused_root(get_module(gm, node), _TRANSPOSED_CONV_ROOTS)
     if conv is None:
         return None
     dims = _TRANSPOSED_CONV_ROOTS.index(type(conv)) + 1

@@ -21,7 +21,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from fxq.passes.base import PassResult, finish, fxq_meta, get_module, module_call_counts, root_conv2d, tensor_shape
+from fxq.passes.base import (PassResult, finish, fxq_meta, get_module, is_depthwise, module_call_counts, root_conv2d,
+                             tensor_shape)
 
 NAME = "align_depthwise_padding"
 
@@ -57,7 +58,7 @@ def _align_dim(before: int, after: int, size: int, kernel: int, stride: int, out
 
 def _plan(gm: fx.GraphModule, conv_node: fx.Node) -> Optional[_Alignment]:
     conv = root_conv2d(get_module(gm, conv_node)) if conv_node.op == "call_module" else None
-    if conv is None or conv.groups != conv.in_channels or conv.groups == 1 or conv.padding_mode != "zeros":
+    if not is_depthwise(conv) or conv.padding_mode != "zeros":
         return None
     if conv.padding not in ((0, 0), "valid") or conv.dilation != (1, 1):
         return None

@@ -67,14 +67,24 @@ def get_attr_value(gm: fx.GraphModule, node: Any) -> Optional[torch.Tensor]:
     return value if isinstance(value, torch.Tensor) else None
 
 
-def root_conv2d(module: Optional[torch.nn.Module]) -> Optional[torch.nn.Conv2d]:
-    """The Conv2d a module computes with: itself, or the first element of a fused conv + activation
-    (torch's ConvReLU2d, fxq's fused conv + clamp)."""
-    if type(module) is torch.nn.Conv2d:
+def fused_root(module: Optional[torch.nn.Module], root_types: tuple) -> Optional[torch.nn.Module]:
+    """The module of one of ``root_types`` that ``module`` computes with: itself, or the first
+    element of a fused root + activation (torch's ConvReLU2d, fxq's fused conv + clamp)."""
+    if type(module) in root_types:
         return module
-    if isinstance(module, torch.nn.Sequential) and len(module) and type(module[0]) is torch.nn.Conv2d:
+    if isinstance(module, torch.nn.Sequential) and len(module) and type(module[0]) in root_types:
         return module[0]
     return None
+
+
+def root_conv2d(module: Optional[torch.nn.Module]) -> Optional[torch.nn.Conv2d]:
+    """The Conv2d a module computes with (see ``fused_root``)."""
+    return fused_root(module, (torch.nn.Conv2d,))
+
+
+def is_depthwise(conv: Optional[torch.nn.Module]) -> bool:
+    """A grouped conv with one group per input channel."""
+    return conv is not None and conv.groups > 1 and conv.groups == conv.in_channels
 
 
 SHAPE_ATTRIBUTES = frozenset({"ndim", "shape"})
