@@ -84,7 +84,7 @@ def int8_transposed_conv_sqnr(dims: int, in_channels: int, out_channels: int, ke
                               padding: tuple, output_padding: tuple, groups: int, dilation: tuple) -> float:
     """SQNR (dB) of fbgemm's int8 transposed conv of this configuration against float on the same
     int8 operands (random weights and inputs), on this machine."""
-    float_layer = (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)[dims - 1](
+    float_layer = _TRANSPOSED_CONV_ROOTS[dims - 1](
         in_channels, out_channels, kernel, stride, padding, output_padding, groups, False, dilation)
     int8_layer = (quant.nnq.ConvTranspose1d, quant.nnq.ConvTranspose2d, quant.nnq.ConvTranspose3d)[dims - 1](
         in_channels, out_channels, kernel, stride, padding, output_padding, groups, False, dilation)
